@@ -4,13 +4,18 @@ For each token t over its N hidden channels, in fp32:
     mu = mean(y_t),  d = y_t - mu,  m_k = mean(d^k),  kappa = m4 / (m2^2 + eps)
 Gradient (g = dL/dkappa, D = m2^2 + eps), from dm4/dy_i = 4/N (d_i^3 - m3) and dm2/dy_i = 2/N d_i:
     dy_i = g * 4 / (N D) * (d_i^3 - m3 - kappa * m2 * d_i)
-Moments are taken around the mean (never as raw power sums), so tokens with |mu| >> sigma keep
-their precision. Backward keeps y and four fp32 numbers per token: mu, m3, kappa*m2, 4/(N D).
 
-With tensor parallelism each rank holds a contiguous slice of the channels. The forward then
-all-reduces the per-token sums (and channel counts) to get the global mean, then all-reduces the
-local sums of d^2, d^3, d^4 around it; kappa comes out identical on every rank, and the backward
-is purely local: each rank's dy is exactly its slice of the single-process gradient.
+Precision: outlier channels have |mu| >> sigma, where raw power sums lose everything. The moments
+are taken around a pivot p (the fp32 mean, itself off by ~ulp(mu), which can be a sizeable
+fraction of sigma): y - p is exact, the sums of (y - p)^k, k = 1..4, are well conditioned, and the
+exact shift to the true mean, e = mean(y - p), is applied to the moments algebraically. Backward
+forms d = (y - p) - e the same way and keeps y plus five fp32 numbers per token:
+p, e, m3, kappa*m2, 4/(N D).
+
+With tensor parallelism each rank holds a contiguous slice of the channels. The forward
+all-reduces the per-token sums (and channel counts) to get a common pivot, then all-reduces the
+local sums of (y - p)^k; kappa comes out identical on every rank, and the backward is purely
+local: each rank's dy is exactly its slice of the single-process gradient.
 """
 import torch
 import torch.distributed as dist
@@ -19,9 +24,10 @@ import triton.language as tl
 
 from .fake_quant import resolve_impl
 
-# eps only has to keep constant rows finite (m2 = m4 = 0 gives kappa = 0, dy = 0). It is far below
+# eps keeps constant rows finite: their m2 and m4 are 0 (exactly when the fp32 mean is exact, as for
+# zero rows; at rounding level otherwise), so kappa = m4 / eps is ~0 instead of 0/0. It is far below
 # m2^2 of any activation worth regularizing (std 1e-5 gives m2^2 = 1e-20), so kappa stays
-# scale-invariant in practice; and it sits well above the fp32 underflow of m2^2 (~1e-38).
+# scale-invariant in practice, and far above the fp32 underflow of m2^2 (~1e-38).
 KURTOSIS_EPS = 1e-20
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -37,36 +43,37 @@ def _check_args(y, eps):
         raise ValueError(f"token_kurtosis: eps must be > 0 so constant rows stay finite, got {eps}")
 
 
-def _finish(mu, m2, m3, m4, n, eps):
-    """kappa and the per-token stats the backward needs, from the global moments."""
+def _finish(pivot, sums, n, eps):
+    """kappa and the per-token backward stats, from the sums of (y - pivot)^k, k = 1..4."""
+    e, p2, p3, p4 = (sums / n).unbind(-1)  # moments around the pivot
+    m2 = p2 - e * e
+    m3 = p3 - e * (3.0 * p2 - 2.0 * e * e)
+    m4 = p4 - e * (4.0 * p3 - e * (6.0 * p2 - 3.0 * e * e))
     denom = m2 * m2 + eps
     kappa = m4 / denom
-    return kappa, torch.stack([mu, m3, kappa * m2, 4.0 / (n * denom)], dim=-1)
+    return kappa, torch.stack([pivot, e, m3, kappa * m2, 4.0 / (n * denom)], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
 # PyTorch reference
 # ---------------------------------------------------------------------------------------------
 
-def _central_sums_torch(y2d, mu):
-    """Per-row sums of d^2, d^3, d^4 with d = y - mu, as a (T, 3) fp32 tensor."""
-    d = y2d.float() - mu[:, None]
+def _pivot_sums_torch(y2d, pivot):
+    """Per-row sums of d, d^2, d^3, d^4 with d = y - pivot, as a (T, 4) fp32 tensor."""
+    d = y2d.float() - pivot[:, None]
     d2 = d * d
-    return torch.stack([d2.sum(-1), (d2 * d).sum(-1), (d2 * d2).sum(-1)], dim=-1)
+    return torch.stack([d.sum(-1), d2.sum(-1), (d2 * d).sum(-1), (d2 * d2).sum(-1)], dim=-1)
 
 
 def _moments_torch(y2d, eps):
-    n = y2d.shape[-1]
-    mu = y2d.float().mean(-1)
-    m2, m3, m4 = (_central_sums_torch(y2d, mu) / n).unbind(-1)
-    return _finish(mu, m2, m3, m4, n, eps)
+    pivot = y2d.float().mean(-1)
+    return _finish(pivot, _pivot_sums_torch(y2d, pivot), y2d.shape[-1], eps)
 
 
 def _grad_torch(y2d, stats, g):
-    mu, m3, kappa_m2, coef = stats.unbind(-1)
-    d = y2d.float() - mu[:, None]
-    dy = (g * coef)[:, None] * (d * d * d - m3[:, None] - kappa_m2[:, None] * d)
-    return dy.to(y2d.dtype)
+    pivot, e, m3, kappa_m2, coef = (s[:, None] for s in stats.unbind(-1))
+    d = (y2d.float() - pivot) - e
+    return ((g[:, None] * coef) * (d * d * d - m3 - kappa_m2 * d)).to(y2d.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,36 +81,44 @@ def _grad_torch(y2d, stats, g):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _moments_kernel(y_ptr, mu_ptr, sums_ptr, kappa_ptr, stats_ptr, n_cols, eps,
-                    MU_GIVEN: tl.constexpr, BLOCK_N: tl.constexpr):
-    """One pass over a row. MU_GIVEN (tensor parallel): write the local sums of d^2, d^3, d^4
-    around the given global mean. Otherwise: the row is the whole token; write kappa and stats."""
+def _moments_kernel(y_ptr, pivot_ptr, sums_ptr, kappa_ptr, stats_ptr, n_cols, eps,
+                    PIVOT_GIVEN: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One pass over a row. PIVOT_GIVEN (tensor parallel): write the local sums of (y - p)^k
+    around the common pivot. Otherwise the row is the whole token: write kappa and stats."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
     y = tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    if MU_GIVEN:
-        mu = tl.load(mu_ptr + row)
+    if PIVOT_GIVEN:
+        pivot = tl.load(pivot_ptr + row)
     else:
-        mu = tl.sum(y, axis=0) / n_cols
-    d = tl.where(mask, y - mu, 0.0)
+        pivot = tl.sum(y, axis=0) / n_cols
+    d = tl.where(mask, y - pivot, 0.0)
     d2 = d * d
+    s1 = tl.sum(d, axis=0)
     s2 = tl.sum(d2, axis=0)
     s3 = tl.sum(d2 * d, axis=0)
     s4 = tl.sum(d2 * d2, axis=0)
-    if MU_GIVEN:
-        tl.store(sums_ptr + 3 * row, s2)
-        tl.store(sums_ptr + 3 * row + 1, s3)
-        tl.store(sums_ptr + 3 * row + 2, s4)
+    if PIVOT_GIVEN:
+        tl.store(sums_ptr + 4 * row, s1)
+        tl.store(sums_ptr + 4 * row + 1, s2)
+        tl.store(sums_ptr + 4 * row + 2, s3)
+        tl.store(sums_ptr + 4 * row + 3, s4)
     else:  # _finish, fused
-        m2 = s2 / n_cols
+        e = s1 / n_cols
+        p2 = s2 / n_cols
+        p3 = s3 / n_cols
+        m2 = p2 - e * e
+        m3 = p3 - e * (3.0 * p2 - 2.0 * e * e)
+        m4 = s4 / n_cols - e * (4.0 * p3 - e * (6.0 * p2 - 3.0 * e * e))
         denom = m2 * m2 + eps
-        kappa = (s4 / n_cols) / denom
+        kappa = m4 / denom
         tl.store(kappa_ptr + row, kappa)
-        tl.store(stats_ptr + 4 * row, mu)
-        tl.store(stats_ptr + 4 * row + 1, s3 / n_cols)
-        tl.store(stats_ptr + 4 * row + 2, kappa * m2)
-        tl.store(stats_ptr + 4 * row + 3, 4.0 / (n_cols * denom))
+        tl.store(stats_ptr + 5 * row, pivot)
+        tl.store(stats_ptr + 5 * row + 1, e)
+        tl.store(stats_ptr + 5 * row + 2, m3)
+        tl.store(stats_ptr + 5 * row + 3, kappa * m2)
+        tl.store(stats_ptr + 5 * row + 4, 4.0 / (n_cols * denom))
 
 
 @triton.jit
@@ -112,11 +127,12 @@ def _grad_kernel(y_ptr, stats_ptr, g_ptr, dy_ptr, n_cols, BLOCK_N: tl.constexpr)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
     y = tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    mu = tl.load(stats_ptr + 4 * row)
-    m3 = tl.load(stats_ptr + 4 * row + 1)
-    kappa_m2 = tl.load(stats_ptr + 4 * row + 2)
-    scale = tl.load(g_ptr + row) * tl.load(stats_ptr + 4 * row + 3)
-    d = y - mu
+    pivot = tl.load(stats_ptr + 5 * row)
+    e = tl.load(stats_ptr + 5 * row + 1)
+    m3 = tl.load(stats_ptr + 5 * row + 2)
+    kappa_m2 = tl.load(stats_ptr + 5 * row + 3)
+    scale = tl.load(g_ptr + row) * tl.load(stats_ptr + 5 * row + 4)
+    d = (y - pivot) - e
     dy = scale * (d * d * d - m3 - kappa_m2 * d)
     tl.store(dy_ptr + row * n_cols + cols, dy.to(dy_ptr.dtype.element_ty), mask=mask)
 
@@ -130,16 +146,17 @@ def _row_launch(n_cols):
 def _moments_triton(y2d, eps):
     rows, n = y2d.shape
     kappa = torch.empty(rows, dtype=torch.float32, device=y2d.device)
-    stats = torch.empty(rows, 4, dtype=torch.float32, device=y2d.device)
-    _moments_kernel[(rows,)](y2d, kappa, kappa, kappa, stats, n, eps, MU_GIVEN=False,
+    stats = torch.empty(rows, 5, dtype=torch.float32, device=y2d.device)
+    _moments_kernel[(rows,)](y2d, kappa, kappa, kappa, stats, n, eps, PIVOT_GIVEN=False,
                              **_row_launch(n))
     return kappa, stats
 
 
-def _central_sums_triton(y2d, mu):
+def _pivot_sums_triton(y2d, pivot):
     rows, n = y2d.shape
-    sums = torch.empty(rows, 3, dtype=torch.float32, device=y2d.device)
-    _moments_kernel[(rows,)](y2d, mu, sums, sums, sums, n, 0.0, MU_GIVEN=True, **_row_launch(n))
+    sums = torch.empty(rows, 4, dtype=torch.float32, device=y2d.device)
+    _moments_kernel[(rows,)](y2d, pivot, sums, sums, sums, n, 0.0, PIVOT_GIVEN=True,
+                             **_row_launch(n))
     return sums
 
 
@@ -151,7 +168,7 @@ def _grad_triton(y2d, stats, g):
 
 
 _MOMENTS = {"torch": _moments_torch, "triton": _moments_triton}
-_CENTRAL_SUMS = {"torch": _central_sums_torch, "triton": _central_sums_triton}
+_PIVOT_SUMS = {"torch": _pivot_sums_torch, "triton": _pivot_sums_triton}
 _GRAD = {"torch": _grad_torch, "triton": _grad_triton}
 
 
@@ -161,11 +178,10 @@ def _moments_tensor_parallel(y2d, eps, group, impl):
                       torch.tensor([y2d.shape[-1]], dtype=torch.float32, device=y2d.device)])
     dist.all_reduce(sums, group=group)
     n = sums[-1]
-    mu = sums[:-1] / n
-    central = _CENTRAL_SUMS[impl](y2d, mu)
-    dist.all_reduce(central, group=group)
-    m2, m3, m4 = (central / n).unbind(-1)
-    return _finish(mu, m2, m3, m4, n, eps)
+    pivot = sums[:-1] / n
+    pivot_sums = _PIVOT_SUMS[impl](y2d, pivot)
+    dist.all_reduce(pivot_sums, group=group)
+    return _finish(pivot, pivot_sums, n, eps)
 
 
 # ---------------------------------------------------------------------------------------------

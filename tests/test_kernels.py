@@ -1,0 +1,244 @@
+"""Fused kernels vs their PyTorch references vs float64 (Triton runs under the interpreter on CPU).
+
+Under the interpreter fp32 -> bf16 casts truncate instead of rounding to nearest, so Triton's bf16
+outputs may sit one bf16 ulp from the reference; tolerances allow one output ulp.
+"""
+import pytest
+import torch
+
+from kernels import KURTOSIS_EPS, fake_quant, fake_quant_backward, fake_quant_forward, token_kurtosis
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+IMPLS = ["torch", "triton"]
+SHAPES = [(37, 129), (3, 5, 200), (4099,)]  # 37*129 and 4099 span two 4096-element programs
+BITS = 4
+
+
+def _ulp(dtype):
+    return torch.finfo(dtype).eps
+
+
+def _clips(lo=-1.73, hi=2.41):  # no exact ties for bf16 x: ties are tested separately
+    return (torch.tensor(lo, requires_grad=True), torch.tensor(hi, requires_grad=True))
+
+
+def _straddling(shape, dtype, seed):
+    """Values spread well past both clips, so every branch of the backward is exercised."""
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * 2.0 + 0.3).to(dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# fake_quant: float64 references
+# ---------------------------------------------------------------------------------------------
+
+def _fake_quant64(x, c_lo, c_hi, bits):
+    x, c_lo, c_hi = x.double(), c_lo.detach().double(), c_hi.detach().double()
+    s = (2 ** bits - 1) / (c_hi - c_lo)
+    z = (torch.clamp(x, c_lo, c_hi) - c_lo) * s
+    return torch.round(z) / s + c_lo
+
+
+def _surrogate_clip_grads64(x, g, c_lo, c_hi, bits, h=1e-6):
+    """Central differences of sum(g * (clamp(x, c_lo, c_hi) + r / s)), r frozen at the given clips."""
+    x, g = x.double(), g.double()
+    lo0, hi0 = c_lo.detach().double(), c_hi.detach().double()
+    n = 2 ** bits - 1
+    z0 = (torch.clamp(x, lo0, hi0) - lo0) * n / (hi0 - lo0)
+    r = torch.round(z0) - z0
+
+    def loss(lo, hi):
+        return (g * (torch.clamp(x, lo, hi) + r * (hi - lo) / n)).sum()
+
+    d_lo = (loss(lo0 + h, hi0) - loss(lo0 - h, hi0)) / (2 * h)
+    d_hi = (loss(lo0, hi0 + h) - loss(lo0, hi0 - h)) / (2 * h)
+    return d_lo, d_hi
+
+
+# ---------------------------------------------------------------------------------------------
+# fake_quant tests
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fake_quant_forward_matches_reference_and_float64(shape, dtype):
+    x = _straddling(shape, dtype, seed=1)
+    c_lo, c_hi = _clips()
+    ref64 = _fake_quant64(x, c_lo, c_hi, BITS)
+    outs = {impl: fake_quant_forward(x, c_lo, c_hi, BITS, impl=impl) for impl in IMPLS}
+    for impl, out in outs.items():
+        assert out.dtype == dtype and out.shape == x.shape, impl
+        torch.testing.assert_close(out.double(), ref64, rtol=_ulp(dtype), atol=1e-6, msg=lambda m, impl=impl: f"{impl}: {m}")
+    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=_ulp(dtype), atol=0)
+    # Only the 16 grid levels come out (up to the output dtype's rounding).
+    assert ref64.unique().numel() <= 2 ** BITS
+
+
+def test_fake_quant_rounds_half_to_even():
+    c_lo, c_hi = _clips(0.0, 15.0)  # s = 1, so z = x and ties sit on exact half-integers
+    x = torch.arange(0.5, 15.0, 1.0)
+    for impl in IMPLS:
+        out = fake_quant_forward(x, c_lo, c_hi, BITS, impl=impl)
+        torch.testing.assert_close(out.double(), torch.round(x.double()), rtol=0, atol=0, msg=lambda m, impl=impl: f"{impl}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_fake_quant_backward_matches_surrogate_float64(shape, dtype):
+    x = _straddling(shape, dtype, seed=2)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    xf, lo, hi = x.double(), -1.73, 2.41
+    inside = (xf > torch.tensor(lo).double()) & (xf < torch.tensor(hi).double())
+    assert inside.any() and (~inside).any()
+    ref_lo, ref_hi = _surrogate_clip_grads64(x, g, *_clips(lo, hi), BITS)
+    tol = 1e-5 * g.double().abs().sum().item()  # fp32 accumulation over the whole tensor
+    grads = {}
+    for impl in IMPLS:
+        c_lo, c_hi = _clips(lo, hi)
+        xr = x.clone().requires_grad_()
+        fake_quant(xr, c_lo, c_hi, BITS, impl=impl).backward(g)
+        grads[impl] = (xr.grad, c_lo.grad, c_hi.grad)
+        assert xr.grad.dtype == dtype and c_lo.grad.dtype == torch.float32
+        torch.testing.assert_close(xr.grad, torch.where(inside, g, 0).to(dtype), rtol=0, atol=0)
+        assert abs(c_lo.grad.item() - ref_lo.item()) <= tol, (impl, c_lo.grad, ref_lo)
+        assert abs(c_hi.grad.item() - ref_hi.item()) <= tol, (impl, c_hi.grad, ref_hi)
+    for a, b in zip(grads["triton"], grads["torch"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=tol)
+
+
+def test_fake_quant_backward_bitwise_repeatable():
+    x = _straddling((3, 5000), torch.bfloat16, seed=4)  # 4 programs, so 4 partial sums
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(x.dtype)
+    c_lo, c_hi = _clips()
+    first = fake_quant_backward(x, g, c_lo, c_hi, BITS, impl="triton")
+    second = fake_quant_backward(x, g, c_lo, c_hi, BITS, impl="triton")
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    assert torch.equal(fake_quant_forward(x, c_lo, c_hi, BITS, impl="triton"),
+                       fake_quant_forward(x, c_lo, c_hi, BITS, impl="triton"))
+
+
+def test_fake_quant_rejects_bad_input():
+    x = torch.randn(4, 8)
+    c_lo, c_hi = _clips()
+    with pytest.raises(TypeError, match="bf16/fp16/fp32"):
+        fake_quant(x.double(), c_lo, c_hi, BITS)
+    with pytest.raises(TypeError, match="c_lo must be a 0-dim fp32"):
+        fake_quant(x, c_lo.double(), c_hi, BITS)
+    with pytest.raises(TypeError, match="c_hi must be a 0-dim fp32"):
+        fake_quant(x, c_lo, torch.tensor([2.0]), BITS)
+    for bits in (0, 17, 4.0):
+        with pytest.raises(ValueError, match="bits must be an int"):
+            fake_quant(x, c_lo, c_hi, bits)
+    with pytest.raises(ValueError, match="c_lo < c_hi"):
+        fake_quant(x, c_hi.detach().clone(), c_lo.detach().clone(), BITS)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        fake_quant(x, c_lo, c_hi, BITS, impl="cuda")
+    with pytest.raises(ValueError, match="gradient shape"):
+        fake_quant_backward(x, x[:2], c_lo, c_hi, BITS)
+
+
+# ---------------------------------------------------------------------------------------------
+# token_kurtosis: float64 reference
+# ---------------------------------------------------------------------------------------------
+
+def kurtosis64(y, eps=KURTOSIS_EPS):
+    """The definition, in float64 and differentiable by autograd."""
+    d = y - y.mean(-1, keepdim=True)
+    m2, m4 = (d ** 2).mean(-1), (d ** 4).mean(-1)
+    return m4 / (m2 ** 2 + eps)
+
+
+def _activations(shape, dtype, seed, mean):
+    """Per-row shifted Gaussians with a few outlier channels, as a linear layer's output."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.randn(shape, generator=gen) * torch.rand(shape[:-1] + (1,), generator=gen) * 3
+    y[..., :: max(1, shape[-1] // 5)] *= 8.0
+    return (y + mean * torch.randn(shape[:-1] + (1,), generator=gen)).to(dtype)
+
+
+def _assert_grad_close(dy, ref64, rtol):
+    """Max error relative to the largest gradient (elementwise relative error is ill-posed at 0)."""
+    err = (dy.double() - ref64).abs().max() / ref64.abs().max()
+    assert err <= rtol, f"gradient max rel error {err:.3g} > {rtol:.3g}"
+
+
+# Large means only in fp32: bf16/fp16 cannot even hold a std-1 signal at mean 1e3.
+KURTOSIS_CASES = [(torch.float32, 1e3), (torch.float16, 4.0), (torch.bfloat16, 4.0)]
+
+
+@pytest.mark.parametrize("dtype,mean", KURTOSIS_CASES)
+@pytest.mark.parametrize("shape", [(37, 129), (3, 5, 200), (2, 8200)])
+def test_kurtosis_forward_backward_match_float64(shape, dtype, mean):
+    y = _activations(shape, dtype, seed=6, mean=mean)
+    g = torch.randn(shape[:-1], generator=torch.Generator().manual_seed(7))
+    y64 = y.double().requires_grad_()
+    kappa64 = kurtosis64(y64)
+    kappa64.backward(g.double())
+    results = {}
+    for impl in IMPLS:
+        yr = y.clone().requires_grad_()
+        kappa = token_kurtosis(yr, impl=impl)
+        kappa.backward(g)
+        assert kappa.dtype == torch.float32 and kappa.shape == shape[:-1]
+        assert yr.grad.dtype == dtype and yr.grad.shape == shape
+        torch.testing.assert_close(kappa.double(), kappa64.detach(), rtol=1e-5, atol=0, msg=lambda m, impl=impl: f"{impl}: {m}")
+        _assert_grad_close(yr.grad, y64.grad, rtol=2 * _ulp(dtype) + 1e-5)
+        results[impl] = (kappa, yr.grad)
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=0)
+    _assert_grad_close(results["triton"][1], results["torch"][1].double(), 2 * _ulp(dtype) + 1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kurtosis_gradient_against_float64_finite_differences(impl):
+    """gradcheck in spirit: the analytic backward vs central differences of the float64 loss."""
+    y = _activations((3, 11), torch.float32, seed=8, mean=2.0)
+    g = torch.randn(3, generator=torch.Generator().manual_seed(9))
+    yr = y.clone().requires_grad_()
+    token_kurtosis(yr, impl=impl).backward(g)
+    h, y64, fd = 1e-6, y.double(), torch.zeros_like(y, dtype=torch.float64)
+    for idx in range(y.numel()):
+        step = torch.zeros(y.numel(), dtype=torch.float64)
+        step[idx] = h
+        step = step.view_as(y64)
+        fd.view(-1)[idx] = ((kurtosis64(y64 + step) - kurtosis64(y64 - step)) @ g.double()) / (2 * h)
+    _assert_grad_close(yr.grad, fd, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_kurtosis_constant_rows_are_finite_and_zero(impl):
+    y = _activations((6, 130), torch.float32, seed=10, mean=1.0)
+    for row, value in zip((0, 2, 3, 5), (0.0, 1.0, -3.7, 0.1)):
+        y[row] = value
+    yr = y.clone().requires_grad_()
+    kappa = token_kurtosis(yr, impl=impl)
+    kappa.sum().backward()
+    assert torch.isfinite(kappa).all() and torch.isfinite(yr.grad).all()
+    assert (kappa[[0, 2, 3, 5]].abs() < 1e-4).all(), kappa
+    torch.testing.assert_close(kappa[[1, 4]].double(), kurtosis64(y[[1, 4]].double()), rtol=1e-5,
+                               atol=0)
+
+
+def test_kurtosis_bitwise_repeatable():
+    y = _activations((9, 300), torch.bfloat16, seed=11, mean=4.0)
+    g = torch.randn(9, generator=torch.Generator().manual_seed(12))
+    runs = []
+    for _ in range(2):
+        yr = y.clone().requires_grad_()
+        kappa = token_kurtosis(yr, impl="triton")
+        kappa.backward(g)
+        runs.append((kappa, yr.grad))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_kurtosis_rejects_bad_input():
+    with pytest.raises(TypeError, match="bf16/fp16/fp32"):
+        token_kurtosis(torch.randn(4, 8, dtype=torch.float64))
+    with pytest.raises(TypeError, match="bf16/fp16/fp32"):
+        token_kurtosis(torch.ones(4, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="non-empty last"):
+        token_kurtosis(torch.randn(4, 0))
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        token_kurtosis(torch.randn(4, 8), eps=0.0)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        token_kurtosis(torch.randn(4, 8), impl="numpy")
