@@ -22,7 +22,7 @@ from typing import BinaryIO, Iterator
 EVAL_DIR = Path(__file__).resolve().parent.parent / "data" / "eval"
 JSON_SUFFIXES = (".jsonl", ".json")
 TEXT_SUFFIXES = (".txt",)
-COMPRESSORS = {".gz": gzip.GzipFile, ".xz": lzma.LZMAFile}
+COMPRESSORS = {".gz": gzip.open, ".xz": lzma.open}  # both also take an open binary file
 
 
 class MalformedInputError(ValueError):
@@ -44,10 +44,13 @@ class MalformedLog:
         if self.count > self.limit:
             raise MalformedInputError(
                 f"{self.count} malformed lines, more than the limit of {self.limit} "
-                f"(first: {self.describe()}); fix the input, or raise the limit if skipping them is intended")
+                f"(first: {describe_malformed(self.first)}); "
+                "fix the input, or raise the limit if skipping them is intended")
 
-    def describe(self) -> str:
-        return "; ".join(f"{path}:{line} {reason}" for path, line, reason in self.first)
+
+def describe_malformed(entries) -> str:
+    """'path:line reason; ...' for (path, line number, reason) entries."""
+    return "; ".join(f"{path}:{line} {reason}" for path, line, reason in entries)
 
 
 def input_format(path: str) -> str:

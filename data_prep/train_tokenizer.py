@@ -39,6 +39,8 @@ def train_tokenizer(inputs: list[str], vocab_size: int, model_type: str, output:
                     max_sentence_length: int = 16384, max_malformed: int = 100, seed: int = 1234,
                     threads: int = os.cpu_count() or 1) -> dict:
     """Train and write ``output.{model,vocab,json}``; returns the metadata written to the JSON file."""
+    if max_sentences <= 100:
+        raise ValueError(f"max_sentences must be over 100 (SentencePiece's minimum), got {max_sentences}")
     log = MalformedLog(max_malformed)
     readers = [DocumentReader(path, log, json_key) for path in inputs]
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)

@@ -1,0 +1,129 @@
+"""Training data for `pretrain`: megatron-core GPT datasets over tokenized prefixes, and their batches.
+
+Samples are windows of ``seq_length + 1`` tokens cut from the concatenated documents (tokens = the
+first ``seq_length``, labels = the last ``seq_length``), shuffled by megatron-core with the seed. The
+index caches are built once: the builder builds them on global rank 0 while the other ranks wait at a
+barrier, then load them. The sample order is a pure function of (data, split, seq_length, seed,
+sample counts), so a run is resumed from one number, the consumed samples in its checkpoint.
+"""
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from data_prep.tokenize import read_sidecar
+from data_prep.tokenizer import file_sha256, load_tokenizer
+
+
+@dataclass
+class DataConfig:
+    """The ``data:`` section of the training YAML."""
+
+    paths: list[str]
+    """Dataset prefixes written by ``python -m data_prep.tokenize`` (without .bin/.idx/.json)."""
+    weights: list[float] | None = None
+    """Blend weights, one per path, normalized to sum 1. None: proportional to each dataset's token
+    count, i.e. every token is seen equally often."""
+    split: str = "98,2,0"
+    """train,valid,test fractions of each dataset's documents (contiguous ranges, in file order).
+    Ignored for validation when ``valid_paths`` is set (then all of ``paths`` is training data)."""
+    tokenizer: str = ""
+    """Path of the SentencePiece .model the data must have been tokenized with (checked by hash)."""
+    cache_dir: str | None = None
+    """Where the index caches go; default ``<directory of the first path>/index-cache``."""
+    valid_paths: list[str] | None = None
+    """Held-out dataset prefixes for validation (e.g. the corpus's valid shard), blended by size."""
+
+
+def _all_paths(cfg: DataConfig) -> list[str]:
+    return cfg.paths + (cfg.valid_paths or [])
+
+
+def check_tokenizer(cfg: DataConfig, vocab_size: int) -> None:
+    """Fail before training if the data was tokenized with another tokenizer than ``cfg.tokenizer``,
+    or the model's vocabulary (``vocab_size``) cannot hold the tokenizer's ids."""
+    tok = load_tokenizer(cfg.tokenizer)
+    for prefix in _all_paths(cfg):
+        side = read_sidecar(prefix)
+        if side["tokenizer_sha256"] != tok.sha256:
+            raise ValueError(
+                f"tokenizer mismatch: dataset {prefix} was tokenized with {side['tokenizer']} "
+                f"(sha256 {side['tokenizer_sha256']}, vocab {side['vocab_size']}), but the config's "
+                f"tokenizer is {cfg.tokenizer} (sha256 {tok.sha256}, vocab {tok.vocab_size})")
+    if vocab_size < tok.vocab_size:
+        raise ValueError(f"model vocab_size {vocab_size} is smaller than the vocabulary of tokenizer "
+                         f"{cfg.tokenizer} ({tok.vocab_size} pieces)")
+
+
+def _blend(paths: list[str], weights: list[float] | None) -> tuple[list[str], list[float] | None]:
+    """The blend handed to megatron-core. A single dataset needs no weights; several get token-count
+    weights by default, so that megatron samples them to any requested size (with no weights it would
+    cap the blend at one epoch)."""
+    if weights is not None and len(weights) != len(paths):
+        raise ValueError(f"{len(weights)} blend weights for {len(paths)} dataset paths: {paths}")
+    if weights is None and len(paths) > 1:
+        weights = [float(read_sidecar(p)["tokens"]) for p in paths]
+    return paths, weights
+
+
+def _check_splits(cfg: DataConfig, config: GPTDatasetConfig) -> None:
+    """megatron-core loops forever on a split with no documents; say which dataset is too small instead."""
+    for prefix in cfg.paths:
+        n = read_sidecar(prefix)["documents"]
+        for i, bounds in enumerate(config.split_matrix):  # the same rounding as megatron-core's builder
+            if bounds is not None and round(bounds[1] * n) - round(bounds[0] * n) == 0:
+                raise ValueError(f"dataset {prefix} has {n} documents: split {cfg.split!r} leaves its "
+                                 f"{['train', 'valid', 'test'][i]} part empty; change the split, "
+                                 "add data, or set valid_paths")
+
+
+def build_datasets(cfg: DataConfig, seq_length: int, seed: int, train_samples: int, valid_samples: int):
+    """(train, valid) megatron-core datasets with at least the requested numbers of samples.
+
+    Call it on every rank (it synchronizes with barriers when torch.distributed is initialized).
+    valid is None when there is no validation data (valid fraction 0 and no ``valid_paths``).
+    """
+    if not cfg.paths:
+        raise ValueError("data.paths is empty: give at least one dataset prefix")
+    missing = [p for p in _all_paths(cfg) if not IndexedDataset.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"no .bin/.idx dataset at {', '.join(missing)}")
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    check_tokenizer(cfg, tokenizer.vocab_size)
+    blend = _blend(cfg.paths, cfg.weights)
+    common = dict(
+        random_seed=seed, sequence_length=seq_length, tokenizer=tokenizer,
+        path_to_cache=cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.paths[0])), "index-cache"),
+        reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
+    )
+    if cfg.valid_paths:
+        config = GPTDatasetConfig(blend_per_split=[blend, _blend(cfg.valid_paths, None), None], **common)
+    else:
+        config = GPTDatasetConfig(blend=blend, split=cfg.split, **common)
+        _check_splits(cfg, config)
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build()
+    return train, valid
+
+
+def micro_batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+                  dp_size: int) -> Iterator[dict]:
+    """This data-parallel rank's micro-batches, starting after ``consumed_samples`` global samples.
+
+    The global order is the dataset's order whatever ``dp_size`` is: each step takes the next
+    ``micro_batch_size * dp_size`` samples and gives rank r the r-th contiguous slice of them. TP and
+    PP ranks of one data-parallel group pass the same dp_rank and so get the same batches. A resumed
+    run passes the consumed samples of its checkpoint and continues with exactly the next sample,
+    even with another dp_size. Stops when fewer than one global step of samples is left.
+    """
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank {dp_rank} is not in [0, {dp_size})")
+    step = micro_batch_size * dp_size
+    for first in range(consumed_samples, len(dataset) - step + 1, step):
+        start = first + dp_rank * micro_batch_size
+        samples = [dataset[i] for i in range(start, start + micro_batch_size)]
+        yield {key: torch.stack([s[key] for s in samples]) for key in ("tokens", "labels")}
