@@ -24,9 +24,17 @@ def check_bits(bits: int) -> None:
         raise ValueError(f"bits must be an int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
 
 
+def require(ok: torch.Tensor, msg: str) -> None:
+    """Raise ValueError(msg) unless the bool tensor ``ok`` holds; on CUDA a device-side assert,
+    so per-layer checks in evaluation never synchronize."""
+    if ok.is_cuda:
+        torch._assert_async(ok, msg)
+    elif not ok:
+        raise ValueError(msg)
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
-    if not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or inf")
+    require(torch.isfinite(t).all(), f"{name} contains NaN or inf")
 
 
 def group_count(length: int, group_size: int) -> int:
