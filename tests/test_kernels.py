@@ -6,7 +6,8 @@ outputs may sit one bf16 ulp from the reference; tolerances allow one output ulp
 import pytest
 import torch
 
-from kernels import KURTOSIS_EPS, fake_quant, fake_quant_backward, fake_quant_forward, token_kurtosis
+from kernels import (KURTOSIS_EPS, fake_quant, fake_quant_backward, fake_quant_forward,
+                     token_kurtosis)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IMPLS = ["torch", "triton"]
@@ -14,11 +15,16 @@ SHAPES = [(37, 129), (3, 5, 200), (4099,)]  # 37*129 and 4099 span two 4096-elem
 BITS = 4
 
 
+def _tagged(impl):
+    """assert_close message prefix naming the implementation that failed."""
+    return lambda msg: f"{impl}: {msg}"
+
+
 def _ulp(dtype):
     return torch.finfo(dtype).eps
 
 
-def _clips(lo=-1.73, hi=2.41):  # no exact ties for bf16 x: ties are tested separately
+def _clips(lo=-1.73, hi=2.41):  # no rounding ties for bf16 x; ties are tested on their own
     return (torch.tensor(lo, requires_grad=True), torch.tensor(hi, requires_grad=True))
 
 
@@ -40,7 +46,7 @@ def _fake_quant64(x, c_lo, c_hi, bits):
 
 
 def _surrogate_clip_grads64(x, g, c_lo, c_hi, bits, h=1e-6):
-    """Central differences of sum(g * (clamp(x, c_lo, c_hi) + r / s)), r frozen at the given clips."""
+    """Float64 central differences of sum(g * (clamp(x, c_lo, c_hi) + r / s)), r frozen."""
     x, g = x.double(), g.double()
     lo0, hi0 = c_lo.detach().double(), c_hi.detach().double()
     n = 2 ** bits - 1
@@ -68,7 +74,8 @@ def test_fake_quant_forward_matches_reference_and_float64(shape, dtype):
     outs = {impl: fake_quant_forward(x, c_lo, c_hi, BITS, impl=impl) for impl in IMPLS}
     for impl, out in outs.items():
         assert out.dtype == dtype and out.shape == x.shape, impl
-        torch.testing.assert_close(out.double(), ref64, rtol=_ulp(dtype), atol=1e-6, msg=lambda m, impl=impl: f"{impl}: {m}")
+        torch.testing.assert_close(out.double(), ref64, rtol=_ulp(dtype), atol=1e-6,
+                                   msg=_tagged(impl))
     torch.testing.assert_close(outs["triton"], outs["torch"], rtol=_ulp(dtype), atol=0)
     # Only the 16 grid levels come out (up to the output dtype's rounding).
     assert ref64.unique().numel() <= 2 ** BITS
@@ -79,7 +86,8 @@ def test_fake_quant_rounds_half_to_even():
     x = torch.arange(0.5, 15.0, 1.0)
     for impl in IMPLS:
         out = fake_quant_forward(x, c_lo, c_hi, BITS, impl=impl)
-        torch.testing.assert_close(out.double(), torch.round(x.double()), rtol=0, atol=0, msg=lambda m, impl=impl: f"{impl}: {m}")
+        torch.testing.assert_close(out.double(), torch.round(x.double()), rtol=0, atol=0,
+                                   msg=_tagged(impl))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -182,7 +190,8 @@ def test_kurtosis_forward_backward_match_float64(shape, dtype, mean):
         kappa.backward(g)
         assert kappa.dtype == torch.float32 and kappa.shape == shape[:-1]
         assert yr.grad.dtype == dtype and yr.grad.shape == shape
-        torch.testing.assert_close(kappa.double(), kappa64.detach(), rtol=1e-5, atol=0, msg=lambda m, impl=impl: f"{impl}: {m}")
+        torch.testing.assert_close(kappa.double(), kappa64.detach(), rtol=1e-5, atol=0,
+                                   msg=_tagged(impl))
         _assert_grad_close(yr.grad, y64.grad, rtol=2 * _ulp(dtype) + 1e-5)
         results[impl] = (kappa, yr.grad)
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=0)
@@ -201,7 +210,8 @@ def test_kurtosis_gradient_against_float64_finite_differences(impl):
         step = torch.zeros(y.numel(), dtype=torch.float64)
         step[idx] = h
         step = step.view_as(y64)
-        fd.view(-1)[idx] = ((kurtosis64(y64 + step) - kurtosis64(y64 - step)) @ g.double()) / (2 * h)
+        diff = kurtosis64(y64 + step) - kurtosis64(y64 - step)
+        fd.view(-1)[idx] = (diff @ g.double()) / (2 * h)
     _assert_grad_close(yr.grad, fd, rtol=1e-5)
 
 

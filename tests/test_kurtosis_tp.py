@@ -1,4 +1,4 @@
-"""token_kurtosis with the channels split over 2 real gloo ranks vs the single-process float64 result.
+"""token_kurtosis with channels split over 2 real gloo ranks vs the single-process float64 result.
 
 Inputs have mean 1e3 and std 1 (outlier-channel-like), where raw power sums break down in fp32.
 """
