@@ -7,10 +7,13 @@ barrier, then load them. The sample order is a pure function of (data, split, se
 sample counts), so a run is resumed from one number, the consumed samples in its checkpoint.
 """
 import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -81,6 +84,21 @@ def _check_splits(cfg: DataConfig, config: GPTDatasetConfig) -> None:
                                  "add data, or set valid_paths")
 
 
+@contextmanager
+def _process_group():
+    """megatron-core's BlendedDataset asks for the rank even when torch.distributed is not
+    initialized; a lone process gets a one-rank group for the duration of the build."""
+    if dist.is_initialized():
+        yield
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), 1), rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+
+
 def build_datasets(cfg: DataConfig, seq_length: int, seed: int, train_samples: int, valid_samples: int):
     """(train, valid) megatron-core datasets with at least the requested numbers of samples.
 
@@ -105,8 +123,9 @@ def build_datasets(cfg: DataConfig, seq_length: int, seed: int, train_samples: i
     else:
         config = GPTDatasetConfig(blend=blend, split=cfg.split, **common)
         _check_splits(cfg, config)
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build()
+    with _process_group():
+        train, valid, _ = BlendedMegatronDatasetBuilder(
+            GPTDataset, [train_samples, valid_samples, 0], lambda: True, config).build()
     return train, valid
 
 
