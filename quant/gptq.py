@@ -133,8 +133,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4,
     inv = torch.argsort(perm)
     codes = codes[:, inv]
     if per_ic:
-        qw = pack_result(codes.T, scales[inv], zeros[inv], natural_g_idx(rows, group_size, W.device),
-                         bits, group_size, sym, dim)
+        qw = pack_result(codes.T, scales[inv], zeros[inv],
+                         natural_g_idx(rows, group_size, W.device), bits, group_size, sym, dim)
     else:
         g_idx = (torch.arange(cols, device=W.device) // group_size)[inv] if dynamic \
             else natural_g_idx(cols, group_size, W.device)

@@ -54,7 +54,8 @@ def _uniform(layers, attr):
 
 
 def save_quantized(path: str, layers: dict[str, QuantizedWeight], method: str,
-                   act_order: bool = False, extra: Optional[dict[str, torch.Tensor]] = None) -> None:
+                   act_order: bool = False,
+                   extra: Optional[dict[str, torch.Tensor]] = None) -> None:
     """Write ``layers`` (name -> QuantizedWeight) and ``extra`` fp tensors to ``path``."""
     extra = extra or {}
     tensors, entries = {}, {}

@@ -28,8 +28,8 @@ def layers():
 def test_round_trip_is_bit_exact(tmp_path):
     path = str(tmp_path / "q.safetensors")
     original = layers()
-    extra = {"blocks.0.attn.qkv.c_lo": torch.tensor(-3.5), "blocks.0.attn.qkv.c_hi": torch.tensor(4.0),
-             "norm_gains": torch.randn(16).bfloat16()}
+    extra = {"blocks.0.attn.qkv.c_lo": torch.tensor(-3.5),
+             "blocks.0.attn.qkv.c_hi": torch.tensor(4.0), "norm_gains": torch.randn(16).bfloat16()}
     save_quantized(path, original, method="gptq", act_order=True, extra=extra)
     ckpt = load_quantized(path)
     assert list(ckpt.layers) == list(original)
