@@ -6,6 +6,8 @@ Backward: the exact derivative of the straight-through surrogate
           x_hat = clamp(x, c_lo, c_hi) + r / s with r = round(z) - z held constant.
 
 Each operation has a fused Triton kernel and a plain-PyTorch reference of the same fp32 math.
+Both divide once per call, not per element (IEEE division would cost more than the memory
+traffic): round(z) / s is computed as round(z) * ((c_hi - c_lo) / n), within one fp32 ulp.
 Only x is kept for backward (x_hat is recomputed or never needed), so a quantized layer stores
 nothing beyond its input.
 """
@@ -59,17 +61,16 @@ def _check_args(x, c_lo, c_hi, bits):
 # ---------------------------------------------------------------------------------------------
 
 def _scaled_torch(x, c_lo, c_hi, bits):
-    """fp32 x, the scale s and the unrounded grid coordinate z."""
+    """fp32 x, the grid step 1/s and the unrounded grid coordinate z."""
     xf = x.float()
-    width = c_hi - c_lo
-    s = width.new_tensor(2 ** bits - 1) / width  # tensor / tensor: IEEE division, as the kernel
-    z = (torch.clamp(xf, c_lo, c_hi) - c_lo) * s
-    return xf, s, z
+    width, n = c_hi - c_lo, c_hi.new_tensor(2 ** bits - 1)
+    z = (torch.clamp(xf, c_lo, c_hi) - c_lo) * (n / width)
+    return xf, width / n, z
 
 
 def _forward_torch(x, c_lo, c_hi, bits):
-    _, s, z = _scaled_torch(x, c_lo, c_hi, bits)
-    return (torch.round(z) / s + c_lo).to(x.dtype)
+    _, step, z = _scaled_torch(x, c_lo, c_hi, bits)
+    return (torch.round(z) * step + c_lo).to(x.dtype)
 
 
 def _backward_torch(x, g, c_lo, c_hi, bits):
@@ -77,7 +78,7 @@ def _backward_torch(x, g, c_lo, c_hi, bits):
     gf = g.float()
     above, below = xf >= c_hi, xf <= c_lo
     inside = ~(above | below)
-    delta_g = torch.where(inside, (torch.round(z) - z) / (2 ** bits - 1) * gf, 0.0)
+    delta_g = torch.where(inside, (torch.round(z) - z) * (1.0 / (2 ** bits - 1)) * gf, 0.0)
     dx = torch.where(inside, gf, 0.0).to(x.dtype)
     dc_hi = torch.where(above, gf, 0.0).sum() + delta_g.sum()
     dc_lo = torch.where(below, gf, 0.0).sum() - delta_g.sum()
@@ -90,22 +91,25 @@ def _backward_torch(x, g, c_lo, c_hi, bits):
 
 @triton.jit
 def _scaled(x_ptr, c_lo_ptr, c_hi_ptr, numel, n_steps, BLOCK: tl.constexpr):
-    """This program's block of x in fp32, its mask, the clips, and z = (clamp(x) - c_lo) * s."""
+    """This program's block of x in fp32, its mask, the clips, the grid step 1/s and
+    z = (clamp(x) - c_lo) * s. Divisions are per program: per element they would cost more
+    than the memory traffic."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     c_lo = tl.load(c_lo_ptr)
     c_hi = tl.load(c_hi_ptr)
     s = tl.math.div_rn(n_steps, c_hi - c_lo)  # IEEE division, as torch does it
+    step = tl.math.div_rn(c_hi - c_lo, n_steps)
     z = (tl.minimum(tl.maximum(x, c_lo), c_hi) - c_lo) * s
-    return offs, mask, x, c_lo, c_hi, s, z
+    return offs, mask, x, c_lo, c_hi, step, z
 
 
 @triton.jit
 def _fwd_kernel(x_ptr, c_lo_ptr, c_hi_ptr, out_ptr, numel, n_steps, BLOCK: tl.constexpr):
-    offs, mask, x, c_lo, c_hi, s, z = _scaled(x_ptr, c_lo_ptr, c_hi_ptr, numel, n_steps, BLOCK)
+    offs, mask, x, c_lo, c_hi, step, z = _scaled(x_ptr, c_lo_ptr, c_hi_ptr, numel, n_steps, BLOCK)
     q = (z + _ROUND_MAGIC) - _ROUND_MAGIC
-    x_hat = tl.math.div_rn(q, s) + c_lo
+    x_hat = q * step + c_lo
     tl.store(out_ptr + offs, x_hat.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -113,13 +117,13 @@ def _fwd_kernel(x_ptr, c_lo_ptr, c_hi_ptr, out_ptr, numel, n_steps, BLOCK: tl.co
 def _bwd_kernel(x_ptr, g_ptr, c_lo_ptr, c_hi_ptr, dx_ptr, partial_ptr, numel, n_steps,
                 BLOCK: tl.constexpr):
     """dx for one block, plus this block's fp32 partial sums of dc_lo and dc_hi."""
-    offs, mask, x, c_lo, c_hi, s, z = _scaled(x_ptr, c_lo_ptr, c_hi_ptr, numel, n_steps, BLOCK)
+    offs, mask, x, c_lo, c_hi, _, z = _scaled(x_ptr, c_lo_ptr, c_hi_ptr, numel, n_steps, BLOCK)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     above = x >= c_hi
     below = x <= c_lo
     inside = (~(above | below)) & mask
     q = (z + _ROUND_MAGIC) - _ROUND_MAGIC
-    delta_g = tl.where(inside, tl.math.div_rn(q - z, n_steps) * g, 0.0)
+    delta_g = tl.where(inside, (q - z) * tl.math.div_rn(1.0, n_steps) * g, 0.0)
     tl.store(dx_ptr + offs, tl.where(inside, g, 0.0).to(dx_ptr.dtype.element_ty), mask=mask)
     sum_delta_g = tl.sum(delta_g, axis=0)
     pid = tl.program_id(0)
