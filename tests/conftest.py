@@ -7,6 +7,7 @@ a kernel is decorated, so it must be set before any kernel module is imported).
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("PYTHONWARNINGS", "ignore")  # spawned ranks: keep library warnings out of logs
 
 import torch  # noqa: E402
 

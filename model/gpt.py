@@ -1,0 +1,213 @@
+"""The GPT: embedding, pre-norm transformer blocks, final norm and LM head.
+
+Activations flow as [sequence, batch, hidden] (megatron's layout, which sequence parallelism
+splits along its first dim). Tensor parallelism lives inside megatron-core's layers; this file
+only says which linears are column- and which row-parallel.
+"""
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
+
+from model.layers import Linear, Norm, apply_rope, init_std_scaled, rope_cache
+
+
+@dataclass
+class GPTConfig:
+    """Model shape and recipe knobs (the `model:` section of a training config)."""
+    vocab_size: int = 8192           # embedding rows; >= the tokenizer's vocabulary, divisible by TP
+    seq_length: int = 256            # tokens per training window
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0           # MLP inner width = mlp_ratio * hidden_size
+    norm: str = "layernorm"          # layernorm | rmsnorm
+    norm_eps: float = 1e-5
+    norm_fp32: bool = False          # compute norms in fp32 (fp16 training needs it)
+    mlp: str = "gelu"                # gelu | swiglu
+    positions: str = "learned"       # learned | rope
+    bias: bool = True                # biases in linears and layernorms
+    init_std: float = 0.02           # normal init; residual-writing projections get std/sqrt(2L)
+    dropout: float = 0.0             # on attention and MLP outputs before each residual add
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return int(self.mlp_ratio * self.hidden_size)
+
+    def validate(self, tp: int = 1) -> None:
+        """Raise ValueError naming the first inconsistent shape setting."""
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"model.num_heads={self.num_heads} does not divide model.hidden_size={self.hidden_size}")
+        if self.num_heads % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide model.num_heads={self.num_heads}")
+        if self.ffn_size % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide the MLP width {self.ffn_size}")
+        if self.vocab_size % tp:
+            raise ValueError(f"tensor parallel size {tp} does not divide model.vocab_size={self.vocab_size}")
+        if self.positions == "rope" and self.head_dim % 2:
+            raise ValueError(f"rope needs an even head dim, got {self.head_dim}")
+        for name, value, allowed in (("norm", self.norm, ("layernorm", "rmsnorm")),
+                                     ("mlp", self.mlp, ("gelu", "swiglu")),
+                                     ("positions", self.positions, ("learned", "rope"))):
+            if value not in allowed:
+                raise ValueError(f"model.{name} must be one of {allowed}, got {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+class Embedding(torch.nn.Module):
+    """Token (+ learned position) embedding; scatters the sequence over TP ranks under SP."""
+
+    def __init__(self, cfg: GPTConfig, mp: ModelParallelConfig):
+        super().__init__()
+        init = lambda w: torch.nn.init.normal_(w, std=cfg.init_std)  # noqa: E731
+        self.tokens = tensor_parallel.VocabParallelEmbedding(
+            cfg.vocab_size, cfg.hidden_size, init_method=init, config=mp)
+        self.positions = None
+        if cfg.positions == "learned":
+            self.positions = torch.nn.Embedding(cfg.seq_length, cfg.hidden_size)
+            init(self.positions.weight)
+        self.sequence_parallel = mp.sequence_parallel
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.tokens(tokens)                                       # [b, s, h]
+        if self.positions is not None:
+            x = x + self.positions(torch.arange(tokens.shape[1], device=tokens.device))
+        x = x.transpose(0, 1).contiguous()                            # [s, b, h]
+        if self.sequence_parallel:
+            x = scatter_to_sequence_parallel_region(x)
+        return x
+
+
+@lru_cache(maxsize=8)
+def _rope(seq_len: int, head_dim: int, device: torch.device):
+    cos, sin = rope_cache(seq_len, head_dim)
+    return cos.to(device), sin.to(device)
+
+
+class Attention(torch.nn.Module):
+    """Causal multi-head self-attention; each TP rank owns whole heads."""
+
+    def __init__(self, cfg: GPTConfig, mp: ModelParallelConfig):
+        super().__init__()
+        # qkv rows are laid out [head, (q, k, v), head_dim], so a contiguous TP split gives
+        # each rank whole heads with their q, k and v.
+        self.qkv = Linear(cfg.hidden_size, 3 * cfg.hidden_size, parallel="column", bias=cfg.bias,
+                          init_std=cfg.init_std, mp_config=mp)
+        self.proj = Linear(cfg.hidden_size, cfg.hidden_size, parallel="row", bias=cfg.bias,
+                           init_std=init_std_scaled(cfg.init_std, cfg.num_layers), mp_config=mp)
+        self.head_dim = cfg.head_dim
+        self.rope = cfg.positions == "rope"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)                                             # [s, b, 3h/tp]
+        s, b = qkv.shape[:2]
+        q, k, v = qkv.view(s, b, -1, 3, self.head_dim).permute(3, 1, 2, 0, 4).unbind(0)  # [b, nh, s, hd]
+        if self.rope:
+            cos, sin = _rope(s, self.head_dim, q.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)   # [b, nh, s, hd]
+        y = y.permute(2, 0, 1, 3).reshape(s, b, -1)                   # [s, b, h/tp]
+        return self.proj(y)
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, cfg: GPTConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        # SwiGLU's fc1 rows interleave (gate, up) pairs so a contiguous TP split keeps pairs together.
+        fc1_out = cfg.ffn_size * (2 if self.swiglu else 1)
+        self.fc1 = Linear(cfg.hidden_size, fc1_out, parallel="column", bias=cfg.bias,
+                          init_std=cfg.init_std, mp_config=mp)
+        self.fc2 = Linear(cfg.ffn_size, cfg.hidden_size, parallel="row", bias=cfg.bias,
+                          init_std=init_std_scaled(cfg.init_std, cfg.num_layers), mp_config=mp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.swiglu:
+            gate, up = h.unflatten(-1, (-1, 2)).unbind(-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.fc2(h)
+
+
+class Block(torch.nn.Module):
+    """Pre-norm transformer block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+
+    def __init__(self, cfg: GPTConfig, mp: ModelParallelConfig):
+        super().__init__()
+        norm = lambda: Norm(cfg.hidden_size, cfg.norm, cfg.bias, cfg.norm_fp32, cfg.norm_eps,  # noqa: E731
+                            mp.sequence_parallel)
+        self.norm1, self.attn = norm(), Attention(cfg, mp)
+        self.norm2, self.mlp = norm(), MLP(cfg, mp)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + F.dropout(self.attn(self.norm1(x)), self.dropout, self.training)
+        return x + F.dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
+
+
+class Head(torch.nn.Module):
+    """Final norm and the (untied) output projection to vocabulary-parallel logits."""
+
+    def __init__(self, cfg: GPTConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.norm = Norm(cfg.hidden_size, cfg.norm, cfg.bias, cfg.norm_fp32, cfg.norm_eps, mp.sequence_parallel)
+        self.output = Linear(cfg.hidden_size, cfg.vocab_size, parallel="column", bias=False,
+                             init_std=cfg.init_std, mp_config=mp)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(x))                              # [s, b, V/tp]
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross entropy; logits [s, b, V/tp] (vocab split over TP), labels [b, s]."""
+    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())
+    return losses.mean()
+
+
+class GPT(torch.nn.Module):
+    def __init__(self, cfg: GPTConfig, mp: ModelParallelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = Embedding(cfg, mp)
+        self.blocks = torch.nn.ModuleList(Block(cfg, mp) for _ in range(cfg.num_layers))
+        self.head = Head(cfg, mp)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [s, b, V/tp] for tokens [b, s]; the mean loss instead when labels are given."""
+        x = self.embedding(tokens)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(x)
+        return logits if labels is None else lm_loss(logits, labels)
+
+
+def megatron_config(sequence_parallel: bool = False) -> ModelParallelConfig:
+    """megatron-core layer config for the current parallel groups. Weights are initialized on
+    the CPU from the full (unsplit) matrix, so every TP layout starts from the same model."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp, sequence_parallel=sequence_parallel and tp > 1,
+        use_cpu_initialization=True, perform_initialization=True, params_dtype=torch.float32,
+        gradient_accumulation_fusion=False)
+
+
+def build_gpt(cfg: GPTConfig, sequence_parallel: bool = False) -> GPT:
+    """The GPT for this rank's TP shard (parallel_state must be initialized)."""
+    cfg.validate(parallel_state.get_tensor_model_parallel_world_size())
+    return GPT(cfg, megatron_config(sequence_parallel))
+
+
+def linears(model: torch.nn.Module):
+    """(name, Linear) for every linear layer, in forward order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, Linear)]

@@ -1,0 +1,201 @@
+"""Training configuration: dataclasses loaded from YAML, overridden from the command line with
+``--section.key value``, and validated before any work starts.
+
+Each option is documented once, beside its field in the dataclass that owns it:
+``model.GPTConfig``, ``pretrain.parallel.ParallelConfig``, ``OptimConfig``, ``TrainConfig`` and
+``CheckpointConfig`` below, ``data_prep.DataConfig``, ``quant.qat.QATConfig`` and
+``quant.regularize.KurtosisConfig``.
+"""
+import dataclasses
+import keyword
+import types
+import typing
+from dataclasses import dataclass, field
+
+import yaml
+
+from data_prep import DataConfig
+from model.gpt import GPTConfig
+from pretrain.parallel import ParallelConfig
+from quant.qat import QATConfig
+from quant.regularize import KurtosisConfig
+
+
+@dataclass
+class OptimConfig:
+    """The `optim:` section: AdamW with linear warmup then cosine decay."""
+    lr: float = 3e-4                 # peak learning rate (clip values use it too)
+    min_lr: float = 3e-5             # floor reached at the end of the cosine decay
+    warmup_steps: int = 100          # linear warmup from 0 to lr
+    decay_steps: int = 0             # cosine length after warmup; 0 = until train.steps
+    weight_decay: float = 0.1        # on weight matrices and embeddings; never on biases, norm gains, clips
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0           # clip the global gradient norm (true norm over TP); 0 = off
+
+
+@dataclass
+class TrainConfig:
+    """The `train:` section."""
+    steps: int = 1000                # optimizer steps
+    micro_batch_size: int = 8        # sequences per rank per forward
+    global_batch_size: int = 32      # sequences per step = micro_batch_size x DP x gradient accumulation
+    bf16: bool = False               # bf16 weights/activations, fp32 master weights
+    fp16: bool = False               # fp16 with dynamic loss scaling (pair with model.norm_fp32: true)
+    seed: int = 1234
+    log_interval: int = 10           # steps between log lines / TensorBoard points
+    eval_interval: int = 100         # steps between validation losses; 0 = only at the end
+    eval_iters: int = 10             # validation micro-batches per evaluation
+    out_dir: str = "runs/default"    # TensorBoard logs and checkpoints go here
+    peak_tflops: float = 0.0         # per-GPU peak for MFU; 0 = look up the GPU (H100/H200 bf16: 989)
+
+
+@dataclass
+class CheckpointConfig:
+    """The `checkpoint:` section."""
+    interval: int = 0                # save every N steps (and always at the end); 0 = only at the end
+    keep: int = 3                    # keep the newest K complete checkpoints
+    resume: str = "auto"             # auto (newest complete in out_dir/checkpoints) | none | a checkpoint path
+
+
+@dataclass
+class Config:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(paths=[]))
+    qat: QATConfig = field(default_factory=QATConfig)
+    kurtosis: KurtosisConfig = field(default_factory=KurtosisConfig)
+
+    def gradient_accumulation(self, dp: int) -> int:
+        return self.train.global_batch_size // (self.train.micro_batch_size * dp)
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before any work starts."""
+
+
+def _coerce(value, typ, where: str):
+    """Check/convert a YAML value against a dataclass field type."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(typ)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a valid {typ}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(typ)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _from_dict(typ, value, where)
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ in (int, float, str) and not (isinstance(value, typ) and not isinstance(value, bool)):
+        raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    # A key that is a Python keyword (`lambda`) names the field with a trailing underscore.
+    data = {f"{k}_" if keyword.iskeyword(k) else k: v for k, v in data.items()}
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(f"unknown config key {where}{unknown[0]!r}; known keys{' of ' + prefix if prefix else ''}: "
+                          f"{', '.join(sorted(names))}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """``['--train.steps', '10', '--model.bias=false']`` -> ``{'train': {'steps': 10}, 'model': {'bias': False}}``."""
+    out: dict = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"expected --section.key value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ConfigError(f"missing value for --{key}")
+            value, i = args[i + 1], i + 1
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+        i += 1
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    merged = dict(base)
+    for k, v in over.items():
+        merged[k] = _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
+    return merged
+
+
+def config_from_dict(data: dict) -> Config:
+    return _from_dict(Config, data)
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    data = {}
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return config_from_dict(_merge(data, parse_overrides(list(overrides))))
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Every check that can fail before work starts; raises ConfigError naming the problem."""
+    p, t = cfg.parallel, cfg.train
+    try:
+        cfg.model.validate(p.tensor)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if t.bf16 and t.fp16:
+        raise ConfigError("train.bf16 and train.fp16 are both true; choose one")
+    if p.tensor < 1 or p.pipeline < 1 or world_size % (p.tensor * p.pipeline):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline "
+                          f"= {p.tensor} x {p.pipeline}")
+    dp = world_size // (p.tensor * p.pipeline)
+    if p.zero_stage not in (0, 1, 2):
+        raise ConfigError(f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}")
+    if p.pipeline > 1 and p.zero_stage > 1:
+        raise ConfigError(f"pipeline parallelism allows ZeRO stage <= 1, got parallel.zero_stage={p.zero_stage}")
+    if p.pipeline > cfg.model.num_layers:
+        raise ConfigError(f"parallel.pipeline={p.pipeline} exceeds model.num_layers={cfg.model.num_layers}")
+    if t.micro_batch_size < 1 or t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+    if t.steps < 1:
+        raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
+    if cfg.optim.warmup_steps < 0 or cfg.optim.min_lr > cfg.optim.lr:
+        raise ConfigError("optim: need warmup_steps >= 0 and min_lr <= lr")
+    for section in (cfg.qat, cfg.kurtosis):
+        try:
+            section.validate()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None

@@ -1,0 +1,73 @@
+"""The DeepSpeed engine: ZeRO, mixed precision, gradient clipping and accumulation, from our config."""
+import math
+
+import deepspeed
+import torch
+
+from pretrain.config import Config, OptimConfig
+from pretrain.parallel import MegatronMPU, ParallelDims
+
+
+def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
+    """Weight decay on matrices and embeddings only; clip values in their own group with no
+    weight decay and no momentum (beta1 = 0), at the same learning rate."""
+    decay, no_decay, clips = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if getattr(p, "is_clip", False):
+            clips.append(p)
+        elif p.ndim < 2:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0},
+              {"params": clips, "weight_decay": 0.0, "betas": (0.0, cfg.beta2)}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Linear warmup to cfg.lr, then cosine decay to cfg.min_lr over decay_steps, then flat."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay = cfg.decay_steps or max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
+    t = cfg.train
+    ds = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation(dims.dp),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "zero_allow_untested_optimizer": True,   # torch's (fused) AdamW under ZeRO
+        "bf16": {"enabled": t.bf16},
+        "fp16": {"enabled": t.fp16, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+    if t.bf16 and dims.pp > 1:
+        ds["data_types"] = {"grad_accum_dtype": "fp32"}   # bf16 + pipeline + ZeRO-1 needs it
+    return ds
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
+    """deepspeed.initialize over our model, AdamW and schedule; TP/DP groups from megatron-core."""
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                                  fused=torch.cuda.is_available())
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_at(step, o, cfg.train.steps) / o.lr)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
+                                           config=deepspeed_config(cfg, dims), mpu=MegatronMPU())
+    return engine
+
+
+def loss_scale(engine) -> float:
+    """The engine's current (dynamic) loss scale; 1 without fp16."""
+    return float(getattr(engine.optimizer, "cur_scale", 1.0)) if engine.fp16_enabled() else 1.0

@@ -1,0 +1,105 @@
+"""The training loop over a DeepSpeed engine: steps with gradient accumulation, validation,
+QAT/kurtosis bookkeeping and metrics."""
+import itertools
+import logging
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from pretrain.config import Config
+from pretrain.engine import loss_scale
+from quant.qat import set_qat_step
+from quant.regularize import set_grad_scale
+
+log = logging.getLogger("pretrain")
+
+
+def dp_mean(values: torch.Tensor) -> torch.Tensor:
+    """Average over the data-parallel group (every rank of it must call)."""
+    values = values.clone()
+    dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+    return values / parallel_state.get_data_parallel_world_size()
+
+
+class Trainer:
+    def __init__(self, cfg: Config, engine, quantizers=(), penalties=(), logger=None):
+        self.cfg, self.engine = cfg, engine
+        self.quantizers, self.penalties = list(quantizers), list(penalties)
+        self.logger = logger
+        self.gas = engine.gradient_accumulation_steps()
+        self.step = 0                     # optimizer steps done
+        self.consumed_samples = 0         # global samples consumed (the data position to resume from)
+        self._loss_sum = torch.zeros((), dtype=torch.float64)
+        self._loss_count = 0
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self, micro_batches) -> torch.Tensor:
+        """One optimizer step over ``gas`` micro-batches from the iterator; returns this rank's
+        mean loss (detached) of the step."""
+        set_qat_step(self.quantizers, self.step, self.cfg.qat)
+        set_grad_scale(loss_scale(self.engine) / self.gas)
+        self.engine.train()
+        losses = []
+        for batch in itertools.islice(micro_batches, self.gas):
+            batch = self._to_device(batch)
+            loss = self.engine(batch["tokens"], batch["labels"])
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach().float())
+        if len(losses) < self.gas:
+            raise RuntimeError(f"the training data ran out at step {self.step}")
+        self.step += 1
+        self.consumed_samples += self.cfg.train.global_batch_size
+        step_loss = torch.stack(losses).mean()
+        self._loss_sum += step_loss.double().cpu()
+        self._loss_count += 1
+        return step_loss
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches) -> float:
+        """Mean validation loss over cfg.train.eval_iters micro-batches per rank, averaged over DP."""
+        self.engine.eval()
+        losses = [self.engine(**self._to_device(b)).float()
+                  for b in itertools.islice(micro_batches, self.cfg.train.eval_iters)]
+        self.engine.train()
+        if not losses:
+            raise RuntimeError("the validation set yielded no batches")
+        return dp_mean(torch.stack(losses).mean()).item()
+
+    def interval_metrics(self) -> dict:
+        """Metrics since the last call (collective over DP/TP: every rank calls)."""
+        loss = dp_mean(self._loss_sum.to(self.engine.device).float() / max(1, self._loss_count)).item()
+        self._loss_sum.zero_()
+        self._loss_count = 0
+        values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0]}
+        grad_norm = self.engine.get_global_grad_norm()   # None under ZeRO-0, which does not record it
+        if grad_norm is not None:
+            values["train/grad_norm"] = float(grad_norm)
+        if self.cfg.train.fp16:
+            values["train/loss_scale"] = loss_scale(self.engine)
+        if self.penalties:
+            means = [p.last_mean() for p in self.penalties]
+            values["kurtosis/penalty"] = float(sum(p.last_penalty() for p in self.penalties))
+            values["kurtosis/mean"] = float(torch.stack(means).mean())
+        return values
+
+    def layer_stats(self) -> dict:
+        """Per-layer QAT clip values, clipped fraction and output kurtosis, for TensorBoard."""
+        stats = {}
+        for i, q in enumerate(self.quantizers):
+            stats[f"qat/{i:03d}/c_lo"] = float(q.c_lo)
+            stats[f"qat/{i:03d}/c_hi"] = float(q.c_hi)
+            if q.clip_fraction is not None:
+                stats[f"qat/{i:03d}/clipped"] = float(q.clip_fraction)
+        for i, p in enumerate(self.penalties):
+            mean = p.last_mean()
+            if mean is not None:
+                stats[f"kurtosis/{i:03d}"] = float(mean)
+        return stats
+
+    def record_layer_stats(self, on: bool) -> None:
+        for q in self.quantizers:
+            q.record_stats = on

@@ -1,0 +1,142 @@
+"""Quantization-aware training of linear-layer inputs with learned clip values.
+
+Each selected linear layer gets an :class:`InputQuantizer` in its ``input_quant`` slot. It
+fake-quantizes the input to ``bits`` with two learned scalars ``c_lo < c_hi`` (the math and its
+straight-through gradients are in DESIGN.md and ``kernels.fake_quant``) and calls the layer.
+
+Memory: the quantizer keeps x for its own backward; the layer would keep its input x_hat for the
+weight gradient. Keeping both costs an extra activation per linear, so the layer's saved copy of
+x_hat is replaced by a recipe and x_hat is recomputed from x in backward (one elementwise pass).
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+import kernels
+from model.layers import mark_tp_grad_sync, tp_grad_sync
+
+LINEAR_NAMES = ("qkv", "proj", "fc1", "fc2", "output")
+
+
+@dataclass
+class QATConfig:
+    """The `qat:` section: fake-quantize linear inputs with learned clips during pretraining."""
+    enabled: bool = False
+    bits: int = 4                    # activation bits (2..8)
+    init: str = "constant"           # constant: clips at -init_value, +init_value | batch: min/max of the first batch
+    init_value: float = 4.0          # the source paper's constant (used by init=constant)
+    start_step: int = 0              # quantization is off before this optimizer step
+    layers: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])  # of: qkv proj fc1 fc2 output (LM head)
+
+    def validate(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"qat.bits must be in 2..8, got {self.bits}")
+        if self.init not in ("constant", "batch"):
+            raise ValueError(f"qat.init must be 'constant' or 'batch', got {self.init!r}")
+        if self.init == "constant" and self.init_value <= 0:
+            raise ValueError(f"qat.init_value must be > 0, got {self.init_value}")
+        bad = sorted(set(self.layers) - set(LINEAR_NAMES))
+        if bad:
+            raise ValueError(f"qat.layers: unknown linear {bad[0]!r}; choose from {', '.join(LINEAR_NAMES)}")
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+
+
+class _Recompute:
+    """What the layer keeps instead of x_hat: x and the clips to rebuild it."""
+    __slots__ = ("x", "c_lo", "c_hi", "bits")
+
+    def __init__(self, x, c_lo, c_hi, bits):
+        self.x, self.c_lo, self.c_hi, self.bits = x, c_lo, c_hi, bits
+
+
+def _unpack(saved):
+    if isinstance(saved, _Recompute):
+        return kernels.fake_quant_forward(saved.x, saved.c_lo, saved.c_hi, saved.bits)
+    return saved
+
+
+class InputQuantizer(torch.nn.Module):
+    """Learned asymmetric per-tensor clip fake quantizer for one linear layer's input."""
+
+    def __init__(self, bits: int, init: str, init_value: float, splits_input: bool):
+        super().__init__()
+        self.bits, self.init = bits, init
+        self.c_lo = torch.nn.Parameter(torch.tensor(-float(init_value)))
+        self.c_hi = torch.nn.Parameter(torch.tensor(float(init_value)))
+        for p in (self.c_lo, self.c_hi):
+            p.is_clip = True                 # own optimizer group: no weight decay, no momentum
+            if splits_input:                 # each TP rank sees part of the input: sum clip grads over TP
+                mark_tp_grad_sync(p)
+        self.register_buffer("initialized", torch.tensor(init == "constant"))
+        self._ready = None                   # host copy of `initialized`: no device sync per forward
+        self.active = True                   # switched by the trainer (qat.start_step)
+        self.clip_fraction = None            # fraction of inputs clipped, filled when record_stats is on
+        self.record_stats = False
+
+    @torch.no_grad()
+    def _init_from_batch(self, x: torch.Tensor) -> None:
+        """Clips at the min/max of the first batch, agreed over every rank holding this layer."""
+        lo, hi = x.min().float().reshape(1), x.max().float().reshape(1)
+        if dist.is_initialized():
+            for group in (parallel_state.get_tensor_model_parallel_group(), parallel_state.get_data_parallel_group()):
+                dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)
+                dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
+        if not hi > lo:
+            hi = lo + 1.0
+        self.c_lo.copy_(lo[0])
+        self.c_hi.copy_(hi[0])
+        self.initialized.fill_(True)
+        self._ready = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = None
+
+    def run(self, linear, x: torch.Tensor):
+        """``linear(fake_quant(x))``, keeping only x alive for backward."""
+        if not self.active:
+            return linear(x)
+        if self._ready is None:
+            self._ready = bool(self.initialized)
+        if not self._ready:
+            self._init_from_batch(x)
+        c_lo, c_hi = tp_grad_sync(self.c_lo), tp_grad_sync(self.c_hi)
+        if self.record_stats:
+            with torch.no_grad():
+                self.clip_fraction = ((x < c_lo) | (x > c_hi)).float().mean()
+        x_hat = kernels.fake_quant(x, c_lo, c_hi, self.bits)
+        key = _storage_key(x_hat)
+        recipe = _Recompute(x.detach(), c_lo.detach(), c_hi.detach(), self.bits)
+
+        def pack(t):
+            return recipe if _storage_key(t) == key else t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+            return linear(x_hat)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, init={self.init}"
+
+
+def attach_qat(model: torch.nn.Module, cfg: QATConfig) -> list[InputQuantizer]:
+    """Give every selected linear an input quantizer; returns them (empty when QAT is off)."""
+    from model.gpt import linears
+
+    if not cfg.enabled:
+        return []
+    quantizers = []
+    for name, linear in linears(model):
+        if name.rsplit(".", 1)[-1] in cfg.layers:
+            linear.input_quant = InputQuantizer(cfg.bits, cfg.init, cfg.init_value, linear.splits_input)
+            quantizers.append(linear.input_quant)
+    return quantizers
+
+
+def set_qat_step(quantizers: list[InputQuantizer], step: int, cfg: QATConfig) -> None:
+    for q in quantizers:
+        q.active = step >= cfg.start_step
