@@ -48,14 +48,14 @@ class MetricsLogger:
     """Log lines and TensorBoard scalars, written by one rank (the caller decides which)."""
 
     def __init__(self, out_dir: str | None, total_steps: int, tokens_per_step: int, flops_per_step: float,
-                 world_size: int, peak: float):
+                 world_size: int, peak: float, start_step: int):
         self.writer = None
         if out_dir:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.flops_per_step, self.world_size, self.peak = flops_per_step, world_size, peak
-        self._t0, self._step0 = time.perf_counter(), None
+        self._t0, self._step0 = time.perf_counter(), start_step
 
     def scalars(self, step: int, values: dict) -> None:
         if self.writer:
@@ -65,8 +65,6 @@ class MetricsLogger:
     def interval(self, step: int, values: dict) -> None:
         """Log the metrics of the steps since the last call, with rates and ETA."""
         now = time.perf_counter()
-        if self._step0 is None:
-            self._step0 = step - 1
         steps = max(1, step - self._step0)
         dt = (now - self._t0) / steps
         rates = {"perf/step_time_s": dt, "perf/tokens_per_s": self.tokens_per_step / dt,
@@ -79,7 +77,7 @@ class MetricsLogger:
         self.scalars(step, {**values, **rates})
         eta = dt * (self.total_steps - step)
         parts = [f"step {step}/{self.total_steps}"]
-        parts += [f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items()]
+        parts += [f"{k.removeprefix('train/')} {v:.4g}" for k, v in values.items()]
         parts += [f"{rates['perf/tokens_per_s']:.0f} tok/s", f"{dt * 1000:.0f} ms/step"]
         if "perf/mfu" in rates:
             parts.append(f"{tflops:.1f} TFLOP/s/gpu mfu {rates['perf/mfu']:.1%}")

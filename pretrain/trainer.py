@@ -90,8 +90,8 @@ class Trainer:
         """Per-layer QAT clip values, clipped fraction and output kurtosis, for TensorBoard."""
         stats = {}
         for i, q in enumerate(self.quantizers):
-            stats[f"qat/{i:03d}/c_lo"] = float(q.c_lo)
-            stats[f"qat/{i:03d}/c_hi"] = float(q.c_hi)
+            c_lo, c_hi = q.clip.detach().float().tolist()
+            stats[f"qat/{i:03d}/c_lo"], stats[f"qat/{i:03d}/c_hi"] = c_lo, c_hi
             if q.clip_fraction is not None:
                 stats[f"qat/{i:03d}/clipped"] = float(q.clip_fraction)
         for i, p in enumerate(self.penalties):

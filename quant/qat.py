@@ -66,12 +66,11 @@ class InputQuantizer(torch.nn.Module):
     def __init__(self, bits: int, init: str, init_value: float, splits_input: bool):
         super().__init__()
         self.bits, self.init = bits, init
-        self.c_lo = torch.nn.Parameter(torch.tensor(-float(init_value)))
-        self.c_hi = torch.nn.Parameter(torch.tensor(float(init_value)))
-        for p in (self.c_lo, self.c_hi):
-            p.is_clip = True                 # own optimizer group: no weight decay, no momentum
-            if splits_input:                 # each TP rank sees part of the input: sum clip grads over TP
-                mark_tp_grad_sync(p)
+        # (c_lo, c_hi) in one 1-D parameter: DeepSpeed's broadcasts cannot take 0-dim tensors.
+        self.clip = torch.nn.Parameter(torch.tensor([-float(init_value), float(init_value)]))
+        self.clip.is_clip = True             # own optimizer group: no weight decay, no momentum
+        if splits_input:                     # each TP rank sees part of the input: sum clip grads over TP
+            mark_tp_grad_sync(self.clip)
         self.register_buffer("initialized", torch.tensor(init == "constant"))
         self._ready = None                   # host copy of `initialized`: no device sync per forward
         self.active = True                   # switched by the trainer (qat.start_step)
@@ -88,8 +87,7 @@ class InputQuantizer(torch.nn.Module):
                 dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=group)
         if not hi > lo:
             hi = lo + 1.0
-        self.c_lo.copy_(lo[0])
-        self.c_hi.copy_(hi[0])
+        self.clip.copy_(torch.cat([lo, hi]))
         self.initialized.fill_(True)
         self._ready = True
 
@@ -105,7 +103,7 @@ class InputQuantizer(torch.nn.Module):
             self._ready = bool(self.initialized)
         if not self._ready:
             self._init_from_batch(x)
-        c_lo, c_hi = tp_grad_sync(self.c_lo), tp_grad_sync(self.c_hi)
+        c_lo, c_hi = tp_grad_sync(self.clip).unbind()
         if self.record_stats:
             with torch.no_grad():
                 self.clip_fraction = ((x < c_lo) | (x > c_hi)).float().mean()
@@ -118,6 +116,14 @@ class InputQuantizer(torch.nn.Module):
 
         with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
             return linear(x_hat)
+
+    @property
+    def c_lo(self) -> torch.Tensor:
+        return self.clip[0]
+
+    @property
+    def c_hi(self) -> torch.Tensor:
+        return self.clip[1]
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, init={self.init}"

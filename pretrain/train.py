@@ -1,0 +1,146 @@
+"""Pretrain a GPT: ``python -m pretrain.train --config configs/NAME.yaml [--section.key value ...]``.
+
+Start it with torchrun, the deepspeed launcher or srun (one process per GPU), or plainly for a
+world of one. SIGTERM / SIGUSR1 (SLURM's preemption warning) finish the current step, save a
+checkpoint and exit 0, so a requeued job resumes with ``checkpoint.resume: auto``.
+"""
+import argparse
+import logging
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from data_prep import build_datasets, check_tokenizer, micro_batches
+from model.gpt import build_gpt
+from pretrain import checkpoint
+from pretrain.config import Config, ConfigError, load_config, validate
+from pretrain.engine import build_engine
+from pretrain.metrics import MetricsLogger, flops_per_token, matmul_params, peak_tflops
+from pretrain.parallel import ParallelDims, destroy_distributed, init_distributed, world_size_from_env
+from pretrain.trainer import Trainer
+from quant.qat import attach_qat
+from quant.regularize import attach_kurtosis
+
+log = logging.getLogger("pretrain")
+
+
+class StopSignal:
+    """Remembers SIGTERM/SIGUSR1; ranks agree on stopping through an all-reduce each step."""
+
+    def __init__(self):
+        self.received = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning(f"received signal {signum}: will save and exit after this step")
+        self.received = True
+
+    def any_rank(self, device) -> bool:
+        flag = torch.tensor([float(self.received)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def is_logging_rank() -> bool:
+    return (parallel_state.get_data_parallel_rank() == 0 and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.is_pipeline_last_stage())
+
+
+def train(cfg: Config, dims: ParallelDims) -> Trainer:
+    t = cfg.train
+    check_tokenizer(cfg.data, cfg.model.vocab_size)
+    torch.manual_seed(t.seed)                  # identical initial weights on every rank
+    model = build_gpt(cfg.model, cfg.parallel.sequence_parallel)
+    quantizers, penalties = attach_qat(model, cfg.qat), attach_kurtosis(model, cfg.kurtosis)
+    engine = build_engine(model, cfg, dims)
+    trainer = Trainer(cfg, engine, quantizers, penalties)
+    checkpoint.resume(engine, trainer, cfg)
+    # Dropout masks: the same over TP ranks holding replicated activations, distinct under SP.
+    sp_rank = parallel_state.get_tensor_model_parallel_rank() if cfg.parallel.sequence_parallel else 0
+    torch.manual_seed(t.seed + 1000 * trainer.step + 100 * parallel_state.get_pipeline_model_parallel_rank() + sp_rank)
+
+    n_eval = t.eval_iters * t.micro_batch_size * dims.dp
+    evals = t.steps // t.eval_interval + 1 if t.eval_interval else 1
+    train_ds, valid_ds = build_datasets(cfg.data, cfg.model.seq_length, t.seed,
+                                        t.steps * t.global_batch_size, evals * n_eval)
+    dp_rank = parallel_state.get_data_parallel_rank()
+    batches = micro_batches(train_ds, trainer.consumed_samples, t.micro_batch_size, dp_rank, dims.dp)
+
+    def validation_loss():
+        if valid_ds is None:
+            return None
+        return trainer.evaluate(micro_batches(valid_ds, 0, t.micro_batch_size, dp_rank, dims.dp))
+
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    logger = None
+    if is_logging_rank():
+        logger = MetricsLogger(t.out_dir, t.steps, tokens_per_step,
+                               flops_per_token(cfg.model, matmul_params(cfg.model)) * tokens_per_step,
+                               dims.world, peak_tflops(t.peak_tflops), trainer.step)
+        log.info(f"{sum(p.numel() for p in model.parameters()):,} parameters on this rank; "
+                 f"{dims.world} ranks = TP {dims.tp} x PP {dims.pp} x DP {dims.dp}; "
+                 f"gradient accumulation {trainer.gas}; starting at step {trainer.step}")
+    stop = StopSignal()
+    saved_step = None
+    while trainer.step < t.steps:
+        stats_step = (trainer.step + 1) % t.log_interval == 0
+        trainer.record_layer_stats(stats_step)
+        trainer.train_step(batches)
+        if stats_step or trainer.step == t.steps:
+            values = trainer.interval_metrics()
+            stats = trainer.layer_stats()
+            if logger:
+                logger.interval(trainer.step, values)
+                logger.scalars(trainer.step, stats)
+        if t.eval_interval and trainer.step % t.eval_interval == 0 and trainer.step < t.steps:
+            loss = validation_loss()
+            if logger and loss is not None:
+                logger.scalars(trainer.step, {"valid/loss": loss})
+                log.info(f"step {trainer.step} | valid loss {loss:.4f}")
+        interval = cfg.checkpoint.interval
+        if interval and trainer.step % interval == 0:
+            checkpoint.save(engine, trainer, cfg, model)
+            saved_step = trainer.step
+        if stop.any_rank(engine.device):
+            if saved_step != trainer.step:
+                checkpoint.save(engine, trainer, cfg, model)
+            log.warning(f"stopped by signal at step {trainer.step}; resume with checkpoint.resume=auto")
+            return trainer
+    loss = validation_loss()
+    if logger and loss is not None:
+        logger.scalars(trainer.step, {"valid/loss": loss})
+        log.info(f"final valid loss {loss:.4f}")
+    if saved_step != trainer.step:
+        checkpoint.save(engine, trainer, cfg, model)
+    if logger:
+        logger.close()
+    return trainer
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (configs/NAME.yaml)")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    try:
+        cfg = load_config(args.config, overrides)
+        validate(cfg, world_size_from_env())
+    except (ConfigError, OSError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    dims = init_distributed(cfg.parallel)
+    if not is_logging_rank():
+        logging.getLogger().setLevel(logging.WARNING)
+    try:
+        train(cfg, dims)
+    finally:
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
