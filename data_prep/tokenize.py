@@ -128,6 +128,8 @@ def tokenize_files(inputs: list[str], tokenizer: str, output_prefix: str, worker
                 tokens += reader_tokens
                 sources.append({"path": reader.path, "bytes": reader.size, "documents": reader.documents,
                                 "tokens": reader_tokens, "empty": reader.empty, "malformed": reader.malformed})
+        if documents == 0:
+            raise ValueError(f"no documents in {', '.join(inputs)}: nothing written")
         builder.finalize(partial["idx"])
         sidecar = {
             "format": "megatron-core indexed dataset (MMIDIDX v1)", "dtype": dtype.name,

@@ -151,9 +151,12 @@ def test_existing_dataset_is_not_overwritten_unless_asked(tmp_path, tokenizer):
     assert read_sidecar(prefix)["sources"][0]["path"] == DEMO[0]
 
 
-def test_evaluation_data_and_unknown_formats_are_refused(tmp_path, tokenizer):
+def test_evaluation_data_unknown_formats_and_empty_input_are_refused(tmp_path, tokenizer):
     with pytest.raises(ValueError, match="evaluation data"):
         tokenize_files([str(EVAL_DIR / "lambada" / "lambada_test.jsonl")], tokenizer, str(tmp_path / "x"))
+    (tmp_path / "empty.jsonl").write_text('{"text": ""}\n')
+    with pytest.raises(ValueError, match="no documents in .*empty.jsonl: nothing written"):
+        tokenize_files([str(tmp_path / "empty.jsonl")], tokenizer, str(tmp_path / "x"))
     (tmp_path / "data.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="unknown input format"):
         tokenize_files([str(tmp_path / "data.csv")], tokenizer, str(tmp_path / "x"))
