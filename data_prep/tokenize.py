@@ -155,7 +155,7 @@ def tokenize_files(inputs: list[str], tokenizer: str, output_prefix: str, worker
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", dest="inputs", nargs="+", required=True,
+    p.add_argument("--input", dest="inputs", metavar="FILE", nargs="+", required=True,
                    help="jsonl/json/txt files, optionally .gz/.xz; merged in this order")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model file")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.json")

@@ -78,7 +78,8 @@ def train_tokenizer(inputs: list[str], vocab_size: int, model_type: str, output:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", dest="inputs", nargs="+", required=True, help="jsonl/json/txt files, optionally .gz/.xz")
+    p.add_argument("--input", dest="inputs", metavar="FILE", nargs="+", required=True,
+                   help="jsonl/json/txt files, optionally .gz/.xz")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--model-type", choices=["bpe", "unigram"], required=True)
     p.add_argument("--output", required=True, help="output prefix: writes PREFIX.model, .vocab, .json")
