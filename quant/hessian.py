@@ -99,21 +99,23 @@ def broadcast_quantized(qw: Optional[QuantizedWeight], src: int, group=None,
 def quantize_distributed(weights: dict[str, torch.Tensor],
                          accumulators: dict[str, HessianAccumulator],
                          quantize: Callable[[torch.Tensor, torch.Tensor], QuantizedWeight],
-                         group=None) -> dict[str, QuantizedWeight]:
+                         group=None, first_index: int = 0) -> dict[str, QuantizedWeight]:
     """Quantize each module on its owner rank from the all-rank Hessian; results on all ranks.
 
     ``weights`` must list the same modules in the same order on every rank; ``quantize(W, H)``
     is e.g. ``lambda W, H: gptq_quantize(W, H, bits=4)[0]``. All Hessians are reduced first, then
     every rank quantizes the modules it owns concurrently, then the results are broadcast.
+    ``first_index`` is the position of the first module in a longer model-wide order, so calls
+    that each quantize a few modules (true-sequential GPTQ) still spread owners over the ranks.
     """
     world = dist.get_world_size(group)
     names = list(weights)
+    owners = [owner_rank(first_index + i, world) for i in range(len(names))]
     owned = {}
-    for i, name in enumerate(names):
-        hessian = reduce_hessian(accumulators[name], owner_rank(i, world), group)
+    for name, owner in zip(names, owners):
+        hessian = reduce_hessian(accumulators[name], owner, group)
         if hessian is not None:
             owned[name] = hessian
     results = {name: quantize(weights[name], hessian) for name, hessian in owned.items()}
-    return {name: broadcast_quantized(results.get(name), owner_rank(i, world), group,
-                                      weights[name].device)
-            for i, name in enumerate(names)}
+    return {name: broadcast_quantized(results.get(name), owner, group, weights[name].device)
+            for name, owner in zip(names, owners)}

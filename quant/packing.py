@@ -6,7 +6,8 @@ uint8 for 5..8 bits), ``.scales`` (float), ``.zeros`` (uint8 zero points), ``.g_
 each stored column), in the stored orientation of quant.rtn.QuantizedWeight. Extra float tensors
 (e.g. the QAT clip values) go under ``extra.<key>``. The manifest (metadata key
 ``quant_manifest``) records the method, act-order, bits/group size/sym (null where layers
-differ) and per layer its shape, bits, group size, sym, AdaDim dim and packing. Loading reads
+differ), per layer its shape, bits, group size, sym, AdaDim dim and packing, and under ``info`` any
+JSON the writer adds (``quant.gptq`` puts the source checkpoint's config there). Loading reads
 only safetensors and JSON (nothing is unpickled) and checks the file against the manifest.
 """
 import json
@@ -55,8 +56,10 @@ def _uniform(layers, attr):
 
 def save_quantized(path: str, layers: dict[str, QuantizedWeight], method: str,
                    act_order: bool = False,
-                   extra: Optional[dict[str, torch.Tensor]] = None) -> None:
-    """Write ``layers`` (name -> QuantizedWeight) and ``extra`` fp tensors to ``path``."""
+                   extra: Optional[dict[str, torch.Tensor]] = None,
+                   info: Optional[dict] = None) -> dict:
+    """Write ``layers`` (name -> QuantizedWeight) and ``extra`` fp tensors to ``path``; returns
+    the manifest (``info``: JSON-serializable provenance stored with it)."""
     extra = extra or {}
     tensors, entries = {}, {}
     for name, q in layers.items():
@@ -71,9 +74,11 @@ def save_quantized(path: str, layers: dict[str, QuantizedWeight], method: str,
         tensors[f"extra.{key}"] = t
     manifest = {"format": FORMAT, "version": VERSION, "method": method, "act_order": act_order,
                 "bits": _uniform(layers, "bits"), "group_size": _uniform(layers, "group_size"),
-                "sym": _uniform(layers, "sym"), "layers": entries, "extra": sorted(extra)}
+                "sym": _uniform(layers, "sym"), "layers": entries, "extra": sorted(extra),
+                "info": info or {}}
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path,
               metadata={MANIFEST_KEY: json.dumps(manifest)})
+    return manifest
 
 
 class QuantizedCheckpoint(NamedTuple):

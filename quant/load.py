@@ -1,0 +1,115 @@
+"""Read a training checkpoint of any parallel layout as one full (TP=1) model, for post-training.
+
+The tensors are consolidated from the DeepSpeed files alone, using meta.json's ``tp_layout``
+(parameter name -> the dim it is split along over TP ranks, null when replicated): split
+parameters are concatenated along that dim in TP-rank order, everything else (replicated
+parameters, buffers) is taken from TP rank 0. No parallel model is built for this.
+
+Pipeline parallelism: DeepSpeed's pipeline engine writes one ``layer_XX-model_YY-model_states.pt``
+file per pipeline layer and TP rank instead of ``mp_rank_YY_model_states.pt``. Supporting it only
+takes a second reader, chosen in ``_tp_rank_states``, that returns each TP rank's state dict (the
+layers' keys mapped back to the GPT's parameter names); the TP merge is shared.
+"""
+import os
+from typing import NamedTuple
+
+import torch
+
+from pretrain.checkpoint import COMPLETE, META, is_complete, latest_checkpoint, read_meta
+from pretrain.config import Config, config_from_dict
+
+
+class Checkpoint(NamedTuple):
+    path: str            # the step directory
+    meta: dict           # meta.json
+    config: Config
+    state: dict          # full TP=1 state dict, keyed like the GPT's state_dict()
+
+
+def resolve_step_dir(path: str) -> str:
+    """The step directory meant by ``path``: a step dir itself, or the newest complete checkpoint
+    under a run dir (``<run>/checkpoints``) or a checkpoints dir. Incomplete ones are refused."""
+    path = path.rstrip("/")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
+    if os.path.isfile(os.path.join(path, META)) or os.path.basename(path).startswith("step"):
+        if not is_complete(path):
+            raise ValueError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): refusing to use it")
+        return path
+    run_root = os.path.join(path, "checkpoints")
+    for root in (run_root, path):
+        if os.path.isdir(root):
+            found = latest_checkpoint(root)
+            if found is not None:
+                return found
+    raise FileNotFoundError(f"no complete checkpoint under {path!r} (looked in {run_root} and {path})")
+
+
+def _read_tp_ranks(step_dir: str, meta: dict) -> list[dict]:
+    """Pipeline size 1: DeepSpeed's ``mp_rank_XX_model_states.pt``, one file per TP rank."""
+    states = []
+    for rank in range(meta["tensor_parallel"]):
+        file = os.path.join(step_dir, f"mp_rank_{rank:02d}_model_states.pt")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{step_dir}: missing {os.path.basename(file)} for TP rank {rank} "
+                                    f"of {meta['tensor_parallel']}")
+        # DeepSpeed's files pickle more than tensors (its config, optimizer metadata).
+        states.append(torch.load(file, map_location="cpu", weights_only=False)["module"])
+    return states
+
+
+def _tp_rank_states(step_dir: str, meta: dict) -> list[dict]:
+    """Each TP rank's full-depth state dict, whatever the file layout."""
+    if meta.get("pipeline_parallel", 1) != 1:   # the place for the layer_XX-model_YY reader
+        raise NotImplementedError(f"consolidating pipeline-parallel checkpoints "
+                                  f"(pipeline_parallel={meta['pipeline_parallel']}) is not supported yet")
+    return _read_tp_ranks(step_dir, meta)
+
+
+def merge_tp(shards: list[dict], layout: dict) -> dict:
+    """Full tensors from TP-rank state dicts: split ones concatenated along their dim."""
+    full = {}
+    for name, tensor in shards[0].items():
+        if tensor is None:                   # megatron's empty _extra_state entries
+            continue
+        dim = layout.get(name)
+        if dim is None:
+            full[name] = tensor
+            continue
+        missing = [r for r, s in enumerate(shards) if s.get(name) is None]
+        if missing:
+            raise ValueError(f"parameter {name!r} is missing from TP rank(s) {missing}")
+        full[name] = torch.cat([s[name] for s in shards], dim=dim)
+    absent = sorted(n for n in layout if n not in full)
+    if absent:
+        raise ValueError(f"parameters in tp_layout but not in the checkpoint: {absent[:5]}")
+    return full
+
+
+def load_checkpoint(path: str) -> Checkpoint:
+    """Resolve ``path`` (see resolve_step_dir) and consolidate its model state to TP=1."""
+    step_dir = resolve_step_dir(path)
+    meta = read_meta(step_dir)
+    for key in ("config", "tp_layout", "tensor_parallel"):
+        if key not in meta:
+            raise ValueError(f"{step_dir}/{META} has no {key!r}; not a pretrain checkpoint")
+    state = merge_tp(_tp_rank_states(step_dir, meta), meta["tp_layout"])
+    return Checkpoint(step_dir, meta, config_from_dict(meta["config"]), state)
+
+
+def build_model(ckpt: Checkpoint, device="cpu") -> torch.nn.Module:
+    """The TP=1 GPT of the checkpoint in eval mode, QAT input quantizers attached (and loaded)
+    when it was trained with them; the kurtosis regularizer is a training-only loss and left off.
+    parallel_state must be initialized with TP=1 (pretrain.parallel.init_distributed)."""
+    from megatron.core import parallel_state
+
+    from model.gpt import build_gpt
+    from quant.qat import attach_qat
+
+    if parallel_state.get_tensor_model_parallel_world_size() != 1:
+        raise RuntimeError("post-training runs the full model on every rank: use parallel.tensor=1")
+    model = build_gpt(ckpt.config.model)
+    attach_qat(model, ckpt.config.qat)
+    model.load_state_dict(ckpt.state)
+    return model.to(device).eval()
+
