@@ -1,0 +1,155 @@
+"""W16A16 / W8A8 / W4A16 / W4A4 evaluation of a checkpoint: ``python -m quant.evaluate``.
+
+    python -m quant.evaluate --checkpoint runs/demo --quantized runs/demo/w4-gptq --output eval.json
+    python -m quant.evaluate --checkpoint runs/demo --weights 4 --acts 4 --tasks piqa --limit 100
+
+Per configuration: perplexity on WikiText-2 test and on the C4 evaluation slice (disjoint from
+GPTQ's calibration slice; quant.corpora), and zero-shot accuracy through lm-eval (quant.tasks).
+Perplexity follows GPTQ: non-overlapping windows of the model's sequence length, the tail
+dropped, exp of the mean over windows of each window's mean next-token loss. Weights and
+activations are quantized by quant.convert; one table with each score's change relative to
+W16A16 in percent is printed and saved as JSON.
+"""
+import argparse
+import json
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger("quant")
+CONFIGS = {"W16A16": (16, 16), "W8A8": (8, 8), "W4A16": (4, 16), "W4A4": (4, 4)}
+LOWER_IS_BETTER = ("ppl",)
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch_size: int = 8, label: str = "") -> float:
+    """exp(mean over windows of the window's mean next-token cross entropy); windows [n, seq]."""
+    device = next(model.parameters()).device
+    total, start = 0.0, time.perf_counter()
+    batches = range(0, len(windows), batch_size)
+    for k, i in enumerate(batches):
+        batch = windows[i:i + batch_size].to(device)
+        logits = model(batch).float().transpose(0, 1)[:, :-1]            # [b, s-1, V]
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                 reduction="none").view(len(batch), -1)
+        total += losses.mean(dim=1).sum().item()
+        if k % 20 == 19:
+            rate = (k + 1) / (time.perf_counter() - start)
+            log.info(f"  {label} ppl batch {k + 1}/{len(batches)} | {rate:.2f} batch/s | "
+                     f"ETA {(len(batches) - k - 1) / rate:.0f} s")
+    return math.exp(total / len(windows))
+
+
+def config_name(weights: int, acts: int) -> str:
+    return f"W{weights}A{acts}"
+
+
+def degradation_table(scores: dict[str, dict[str, float]], baseline: str = "W16A16") -> dict:
+    """Per configuration and metric: the value and its change vs the baseline in percent
+    (positive = worse for perplexities, negative = worse for accuracies)."""
+    base = scores.get(baseline, {})
+    table = {}
+    for cfg, metrics in scores.items():
+        table[cfg] = {m: {"value": v, "change_pct": (100.0 * (v / base[m] - 1.0) if base.get(m) else None)}
+                      for m, v in metrics.items()}
+    return table
+
+
+def format_table(table: dict) -> str:
+    metrics = list(next(iter(table.values())))
+    rows = [["config"] + metrics]
+    for cfg, cells in table.items():
+        row = [cfg]
+        for m in metrics:
+            c = cells[m]
+            pct = "" if c["change_pct"] is None or cfg == "W16A16" else f" ({c['change_pct']:+.1f}%)"
+            row.append(f"{c['value']:.4g}{pct}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from quant.lm_eval_adapter import TASKS
+    p = argparse.ArgumentParser(prog="python -m quant.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
+    p.add_argument("--quantized", help="output dir of python -m quant.gptq (weights of its bit width)")
+    p.add_argument("--weights", type=int, choices=(16, 8, 4), help="one configuration (with --acts), "
+                   "evaluated next to W16A16; default: all of " + ", ".join(CONFIGS))
+    p.add_argument("--acts", type=int, choices=(16, 8, 4))
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="configurations to run")
+    p.add_argument("--tasks", nargs="*", default=list(TASKS), help=f"zero-shot tasks of {TASKS}; none: skip")
+    p.add_argument("--limit", type=int, help="examples per zero-shot task (quick runs)")
+    p.add_argument("--ppl-windows", type=int, help="at most this many perplexity windows per corpus")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--output", help="JSON file for the table")
+    args = p.parse_args(argv)
+    if (args.weights is None) != (args.acts is None):
+        p.error("--weights and --acts go together")
+    if args.weights is not None and args.configs:
+        p.error("give either --weights/--acts or --configs")
+    return args
+
+
+def selected_configs(args) -> dict[str, tuple[int, int]]:
+    if args.weights is not None:
+        return {"W16A16": (16, 16), config_name(args.weights, args.acts): (args.weights, args.acts)}
+    names = args.configs or list(CONFIGS)
+    return {n: CONFIGS[n] for n in (["W16A16"] if "W16A16" not in names else []) + names}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from data_prep import load_tokenizer
+    from pretrain.parallel import ParallelConfig, init_distributed
+    from quant import gptq
+    from quant.convert import convert
+    from quant.corpora import perplexity_sets
+    from quant.lm_eval_adapter import GPTLM, run_tasks
+    from quant.load import build_model, load_checkpoint
+
+    init_distributed(ParallelConfig())
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = ckpt.config
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    quantized, manifest = {}, None
+    if args.quantized:
+        quantized, _, manifest = gptq.load(args.quantized)
+        source = manifest.get("info", {}).get("config", {}).get("model")
+        if source is not None and source != ckpt.meta["config"]["model"]:
+            raise ValueError(f"{args.quantized} was made from a different model than {ckpt.path}")
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    sets = {name: w[:args.ppl_windows] for name, w in perplexity_sets(tokenizer, cfg.model.seq_length).items()}
+    qat_bits = cfg.qat.bits if cfg.qat.enabled else None
+    scores, described = {}, {}
+    for name, (weights, acts) in selected_configs(args).items():
+        t0 = time.perf_counter()
+        model = build_model(ckpt, device)
+        described[name] = convert(model, weights, acts, quantized, qat_bits)
+        log.info(f"{name}: weights {described[name]['weights']}; activations {described[name]['acts']}")
+        scores[name] = {f"{corpus}_ppl": perplexity(model, w, args.batch_size, f"{name} {corpus}")
+                        for corpus, w in sets.items()}
+        if args.tasks:
+            lm = GPTLM(model, tokenizer, cfg.model.seq_length, args.batch_size)
+            for task, metrics in run_tasks(lm, args.tasks, args.limit).items():
+                scores[name][f"{task}_acc"] = metrics["acc"]
+        log.info(f"{name} done in {time.perf_counter() - t0:.0f} s: "
+                 + ", ".join(f"{k} {v:.4g}" for k, v in scores[name].items()))
+    table = degradation_table(scores)
+    print(format_table(table), flush=True)
+    report = {"checkpoint": ckpt.path, "quantized": args.quantized,
+              "quantized_method": manifest and manifest["method"], "tasks": args.tasks, "limit": args.limit,
+              "ppl_windows": {k: len(w) for k, w in sets.items()}, "configs": described, "table": table}
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(report, f, indent=1)
+        log.info(f"wrote {args.output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
