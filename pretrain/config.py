@@ -41,7 +41,7 @@ class TrainConfig:
     steps: int = 1000                # optimizer steps
     micro_batch_size: int = 8        # sequences per rank per forward
     global_batch_size: int = 32      # sequences per step = micro_batch_size x DP x gradient accumulation
-    bf16: bool = False               # bf16 weights/activations, fp32 master weights
+    bf16: bool = False               # bf16 weights/activations, fp32 master weights (fp32 grad accumulation under PP)
     fp16: bool = False               # fp16 with dynamic loss scaling (pair with model.norm_fp32: true)
     seed: int = 1234
     log_interval: int = 10           # steps between log lines / TensorBoard points
@@ -49,6 +49,7 @@ class TrainConfig:
     eval_iters: int = 10             # validation micro-batches per evaluation
     out_dir: str = "runs/default"    # TensorBoard logs and checkpoints go here
     peak_tflops: float = 0.0         # per-GPU peak for MFU; 0 = look up the GPU (H100/H200 bf16: 989)
+    activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (recompute the MLPs)
 
 
 @dataclass
@@ -104,8 +105,11 @@ def _coerce(value, typ, where: str):
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
         return value
-    if typ is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if typ is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:   # YAML reads 1e-3 (no dot) as a string
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected float, got {value!r}") from None
     if typ in (int, float, str) and not (isinstance(value, typ) and not isinstance(value, bool)):
         raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}")
     return value
@@ -185,6 +189,12 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}")
     if p.pipeline > 1 and p.zero_stage > 1:
         raise ConfigError(f"pipeline parallelism allows ZeRO stage <= 1, got parallel.zero_stage={p.zero_stage}")
+    if p.partition not in ("parameters", "uniform") and not p.partition.startswith("type:"):
+        raise ConfigError(f"parallel.partition must be parameters, uniform or type:<layer class regex>, "
+                          f"got {p.partition!r}")
+    if t.activation_checkpointing not in ("none", "full", "selective"):
+        raise ConfigError(f"train.activation_checkpointing must be none, full or selective, "
+                          f"got {t.activation_checkpointing!r}")
     if p.pipeline > cfg.model.num_layers:
         raise ConfigError(f"parallel.pipeline={p.pipeline} exceeds model.num_layers={cfg.model.num_layers}")
     if t.micro_batch_size < 1 or t.global_batch_size % (t.micro_batch_size * dp):
