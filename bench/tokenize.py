@@ -9,7 +9,8 @@ written as plain JSON lines, so decompression is not measured. The baseline is o
 such processes running at once on equal shares of the text, which shows how much parallelism the
 machine really gives. Ours is the whole command, end to end (process start-up, reading, parsing,
 encoding, writing .bin/.idx). Rates are in UTF-8 text bytes and tokens per second; each figure is
-the best of ``--repeats`` runs, since the machine may be shared. Without ``--tokenizer`` a BPE model of 8,000 pieces is trained on the demo corpus.
+the best of ``--repeats`` runs, since the machine may be shared. Without ``--tokenizer`` a BPE
+model of 8,000 pieces is trained on the demo corpus.
 """
 import argparse
 import glob

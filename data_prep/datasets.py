@@ -92,7 +92,8 @@ def _process_group():
         yield
         return
     with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", store=dist.FileStore(os.path.join(tmp, "store"), 1), rank=0, world_size=1)
+        store = dist.FileStore(os.path.join(tmp, "store"), 1)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
         try:
             yield
         finally:
@@ -113,9 +114,10 @@ def build_datasets(cfg: DataConfig, seq_length: int, seed: int, train_samples: i
     tokenizer = load_tokenizer(cfg.tokenizer)
     check_tokenizer(cfg, tokenizer.vocab_size)
     blend = _blend(cfg.paths, cfg.weights)
+    default_cache = os.path.join(os.path.dirname(os.path.abspath(cfg.paths[0])), "index-cache")
     common = dict(
         random_seed=seed, sequence_length=seq_length, tokenizer=tokenizer,
-        path_to_cache=cfg.cache_dir or os.path.join(os.path.dirname(os.path.abspath(cfg.paths[0])), "index-cache"),
+        path_to_cache=cfg.cache_dir or default_cache,
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False,
     )
     if cfg.valid_paths:

@@ -6,15 +6,17 @@ Writes ``PREFIX.model``, ``PREFIX.vocab`` and ``PREFIX.json`` (the model's SHA-2
 settings). Special ids are fixed (see ``data_prep.tokenizer``); byte fallback means any text encodes
 without ``<unk>``, and identity normalization keeps whitespace, so decoding gives the text back.
 
-Training sentences are the non-empty lines (paragraphs) of every document. SentencePiece keeps a
-uniform random sample of at most ``--max-sentences`` of them (reservoir sampling while streaming),
-so a huge corpus does not exhaust memory.
+Training sentences are the non-empty lines (paragraphs) of every document. A uniform random sample
+of at most ``--max-sentences`` of them is kept (reservoir sampling while streaming, deterministic by
+``--seed``), so a huge corpus does not exhaust memory. SentencePiece's own sampling is not used: it
+ignores the seed, so the same corpus would give different models.
 """
 import argparse
+import io
 import json
 import os
+import random
 import sys
-import tempfile
 from typing import Iterator
 
 import sentencepiece as spm
@@ -34,31 +36,50 @@ def training_sentences(readers: list[DocumentReader]) -> Iterator[str]:
                 bar.update(done + reader.position - bar.n)
 
 
+def reservoir_sample(items: Iterator[str], k: int, seed: int) -> tuple[list[str], int]:
+    """A uniform random sample of at most ``k`` items in O(k) memory, and the number of items seen."""
+    rng, sample, seen = random.Random(seed), [], 0
+    for seen, item in enumerate(items, 1):
+        if len(sample) < k:
+            sample.append(item)
+        elif (j := rng.randrange(seen)) < k:
+            sample[j] = item
+    return sample, seen
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Write under a temporary name, then rename: a reader never sees a half-written file."""
+    partial = f"{path}.partial-{os.getpid()}"
+    with open(partial, "wb") as f:
+        f.write(data)
+    os.replace(partial, path)
+
+
 def train_tokenizer(inputs: list[str], vocab_size: int, model_type: str, output: str,
                     json_key: str = "text", max_sentences: int = 2_000_000,
                     max_sentence_length: int = 16384, max_malformed: int = 100, seed: int = 1234,
                     threads: int = os.cpu_count() or 1) -> dict:
     """Train and write ``output.{model,vocab,json}``; returns the metadata written to the JSON file."""
-    if max_sentences <= 100:
-        raise ValueError(f"max_sentences must be over 100 (SentencePiece's minimum), got {max_sentences}")
     log = MalformedLog(max_malformed)
     readers = [DocumentReader(path, log, json_key) for path in inputs]
+    sentences, seen = reservoir_sample(training_sentences(readers), max_sentences, seed)
+    model = io.BytesIO()  # not model_prefix: SentencePiece would store that path in the model
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model,
+        vocab_size=vocab_size, model_type=model_type, input_sentence_size=0,
+        max_sentence_length=max_sentence_length, num_threads=threads,
+        byte_fallback=True, character_coverage=0.9995, split_digits=True,
+        normalization_rule_name="identity", remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, minloglevel=1,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
+    )
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    vocab = "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size()))
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(output))) as tmp:
-        spm.set_random_generator_seed(seed)
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=training_sentences(readers), model_prefix=os.path.join(tmp, "spm"),
-            vocab_size=vocab_size, model_type=model_type,
-            input_sentence_size=max_sentences, shuffle_input_sentence=True,
-            max_sentence_length=max_sentence_length, num_threads=threads,
-            byte_fallback=True, character_coverage=0.9995, split_digits=True,
-            normalization_rule_name="identity", remove_extra_whitespaces=False,
-            allow_whitespace_only_pieces=True, minloglevel=1,
-            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            pad_piece="<pad>", unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
-        )
-        for ext in ("model", "vocab"):  # both appear only once training has succeeded
-            os.replace(os.path.join(tmp, f"spm.{ext}"), f"{output}.{ext}")
+    _write_atomically(f"{output}.model", model.getvalue())
+    _write_atomically(f"{output}.vocab", vocab.encode())
     meta = {
         "model": os.path.basename(f"{output}.model"),
         "sha256": file_sha256(f"{output}.model"),
@@ -67,12 +88,14 @@ def train_tokenizer(inputs: list[str], vocab_size: int, model_type: str, output:
         "special_ids": {"pad": PAD_ID, "unk": UNK_ID, "bos": BOS_ID, "eos": EOS_ID},
         "byte_fallback": True,
         "max_sentences": max_sentences,
+        "sentences_seen": seen,
+        "sentences_sampled": len(sentences),
         "seed": seed,
+        "threads": threads,  # SentencePiece's result depends on it
         "inputs": [{"path": r.path, "documents": r.documents, "empty": r.empty, "malformed": r.malformed}
                    for r in readers],
     }
-    with open(f"{output}.json", "w") as f:
-        json.dump(meta, f, indent=2)
+    _write_atomically(f"{output}.json", json.dumps(meta, indent=2).encode())
     return meta
 
 

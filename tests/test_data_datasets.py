@@ -60,9 +60,11 @@ def test_samples_are_shifted_windows_of_the_document_stream(data):
 
 
 def test_same_seed_same_batches_and_caches_are_reused(data, tmp_path):
-    first = all_batches(build_datasets(config(data, "wiki", cache_dir=str(tmp_path / "a")), SEQ, SEED, 64, 8)[0])
-    again = all_batches(build_datasets(config(data, "wiki", cache_dir=str(tmp_path / "b")), SEQ, SEED, 64, 8)[0])
-    other = all_batches(build_datasets(config(data, "wiki", cache_dir=str(tmp_path / "c")), SEQ, SEED + 1, 64, 8)[0])
+    def batches(cache, seed):
+        cfg = config(data, "wiki", cache_dir=str(tmp_path / cache))
+        return all_batches(build_datasets(cfg, SEQ, seed, 64, 8)[0])
+
+    first, again, other = batches("a", SEED), batches("b", SEED), batches("c", SEED + 1)
     assert all(torch.equal(x, y) for x, y in zip(first, again, strict=True))
     assert not all(torch.equal(x, y) for x, y in zip(first, other))
 
