@@ -17,3 +17,12 @@ mkdir -p "$DIR/data"
     --tokenizer "$DIR/data/tokenizer.model" --output-prefix "$DIR/data/valid" --workers 2 --append-eod
 python -m pretrain.train --config configs/tiny.yaml --train.out_dir "$DIR" --data.paths "[$DIR/data/train]" \
     --data.valid_paths "[$DIR/data/valid]" --data.tokenizer "$DIR/data/tokenizer.model" "$@"
+# Post-training stage: a twin run without QAT/kurtosis, then GPTQ W4, the W16A16/W8A8/W4A16/W4A4
+# table (perplexity + zero-shot on a few examples) and the analysis of both side by side.
+python -m pretrain.train --config configs/tiny.yaml --train.out_dir "$DIR-noqat" --data.paths "[$DIR/data/train]" \
+    --data.valid_paths "[$DIR/data/valid]" --data.tokenizer "$DIR/data/tokenizer.model" \
+    --qat.enabled false --kurtosis.enabled false "$@"
+for RUN in "$DIR" "$DIR-noqat"; do
+    NSAMPLES=32 COMPARE=$([ "$RUN" = "$DIR" ] && echo "$DIR-noqat") launch/posttrain.sh "$RUN" "$RUN/posttrain" -- \
+        --limit ${DEMO_TASK_LIMIT:-50} --ppl-windows 40
+done

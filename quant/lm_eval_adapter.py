@@ -41,7 +41,8 @@ class GPTLM(LM):
     @torch.no_grad()
     def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding gives it) per pair;
-        inputs are cut on the left to the model's sequence length."""
+        inputs are cut on the left to the model's sequence length (a continuation longer than
+        that is scored on the tokens that fit, as lm-eval's HF model does)."""
         out = [None] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
         start = time.perf_counter()
@@ -54,7 +55,7 @@ class GPTLM(LM):
                 tokens[row, :len(s) - 1] = torch.tensor(s[:-1])
             logprobs = F.log_softmax(self.model(tokens.to(next(self.model.parameters()).device)).float(), dim=-1).transpose(0, 1).cpu()
             for row, (i, s) in enumerate(zip(batch, seqs)):
-                n_cont = len(pairs[i][1])
+                n_cont = min(len(pairs[i][1]), len(s) - 1)   # a longer one: its last tokens
                 target = torch.tensor(s[-n_cont:])
                 lp = logprobs[row, len(s) - 1 - n_cont:len(s) - 1]
                 out[i] = (lp.gather(1, target[:, None]).sum().item(), bool((lp.argmax(-1) == target).all()))
