@@ -5,11 +5,22 @@ Layout under ``<out_dir>/checkpoints``::
     step00000100/        DeepSpeed's files for that step, our rng_rank*.pt, meta.json and COMPLETE
     latest               name of the newest complete checkpoint, replaced atomically
 
+DeepSpeed's files in a step directory: without pipeline parallelism ``mp_rank_XX_model_states.pt``
+(XX = TP rank) holds the module's state dict under ``module`` with the plain GPT's parameter
+names. With pipeline parallelism the weights are per layer instead,
+``layer_II-model_XX-model_states.pt`` (II = pipeline layer: 0 embedding, 1..L blocks, L+1 final
+norm + head; names inside are relative to the layer; ``model.pipeline.to_gpt_name`` maps them),
+and ``mp_rank_XX_model_states.pt`` (XX = pipeline stage x TP rank) carries no module.
+Optimizer shards are ``*_optim_states.pt`` in both cases.
+
 A checkpoint counts only once every rank has written its files (a barrier) and rank 0 has
 written COMPLETE; ``latest`` is updated after that, so a crash mid-save leaves the previous
 checkpoint as the one to resume from. meta.json (also DeepSpeed's client state) holds the
 iteration, consumed samples, the config, the tokenizer identity and the parameters' TP layout, so
-resume checks and post-training tools read it without loading any tensor.
+resume checks and post-training tools read it without loading any tensor. Its ``tp_layout`` is
+keyed by the plain GPT's parameter names whatever the pipeline layout; ``pipeline`` names the
+stage boundaries. Every rank's RNG states (python, numpy, torch, CUDA and megatron-core's
+model-parallel tracker) are in ``rng_rankNNNNN.pt``; QAT clip values are model parameters.
 """
 import dataclasses
 import glob
@@ -25,7 +36,9 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from data_prep import load_tokenizer
+from model.pipeline import to_gpt_name
 from pretrain.config import Config, ConfigError, config_from_dict
+from pretrain.parallelize import is_pipeline
 
 log = logging.getLogger("pretrain")
 COMPLETE = "COMPLETE"
@@ -42,9 +55,21 @@ def tokenizer_identity(cfg: Config) -> str | None:
 
 
 def tp_layout(model: torch.nn.Module) -> dict:
-    """Parameter name -> the dim it is split along over TP ranks (None: replicated)."""
-    return {n: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
-            for n, p in model.named_parameters()}
+    """Plain-GPT parameter name -> the dim it is split along over TP ranks (None: replicated),
+    for the whole model: pipeline stages contribute their layers (a collective)."""
+    layout = {n: (p.partition_dim if getattr(p, "tensor_model_parallel", False) else None)
+              for n, p in model.named_parameters()}
+    if not is_pipeline(model):
+        return layout
+    stages = [None] * dist.get_world_size()
+    dist.all_gather_object(stages, layout)
+    layers = len(model._layer_specs) - 2
+    return {to_gpt_name(n, layers): dim for stage in stages for n, dim in stage.items()}
+
+
+def pipeline_layout(model: torch.nn.Module) -> dict | None:
+    """Which pipeline layers each stage holds: stage s has layers parts[s] .. parts[s+1] - 1."""
+    return {"num_layers": len(model._layer_specs), "parts": [int(p) for p in model.parts]} if is_pipeline(model) else None
 
 
 def _rng_state() -> dict:
@@ -93,8 +118,9 @@ def save(engine, trainer, cfg: Config, model: torch.nn.Module) -> str:
     tag = f"step{trainer.step:08d}"
     path = os.path.join(root, tag)
     client = {"iteration": trainer.step, "consumed_samples": trainer.consumed_samples,
+              "skipped_steps": trainer.skipped_steps,
               "config": dataclasses.asdict(cfg), "tokenizer_sha256": tokenizer_identity(cfg),
-              "tp_layout": tp_layout(model),
+              "tp_layout": tp_layout(model), "pipeline": pipeline_layout(model),
               "tensor_parallel": parallel_state.get_tensor_model_parallel_world_size(),
               "pipeline_parallel": parallel_state.get_pipeline_model_parallel_world_size()}
     engine.save_checkpoint(root, tag=tag, client_state=client, save_latest=False)
@@ -116,8 +142,12 @@ def save(engine, trainer, cfg: Config, model: torch.nn.Module) -> str:
 
 
 def _prune(root: str, keep: int) -> None:
-    complete = sorted(p for p in glob.glob(os.path.join(root, "step*")) if is_complete(p))
-    for old in complete[:-keep] if keep > 0 else []:
+    """Keep the newest ``keep`` complete checkpoints; drop older ones and the remains of crashed
+    saves older than the newest complete one."""
+    steps = sorted(glob.glob(os.path.join(root, "step*")))
+    complete = [p for p in steps if is_complete(p)]
+    stale = [p for p in steps if not is_complete(p) and p < complete[-1]]
+    for old in stale + (complete[:-keep] if keep > 0 else []):
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -151,6 +181,8 @@ def resume(engine, trainer, cfg: Config) -> str | None:
     path = latest_checkpoint(checkpoint_root(cfg)) if choice == "auto" else choice.rstrip("/")
     if path is None:
         return None
+    if not os.path.isdir(path):
+        raise ConfigError(f"checkpoint {path} does not exist")
     if not is_complete(path):
         raise ConfigError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): refusing to load it")
     client = read_meta(path)
@@ -160,8 +192,11 @@ def resume(engine, trainer, cfg: Config) -> str | None:
     if load_path is None:
         raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
     trainer.step, trainer.consumed_samples = client["iteration"], client["consumed_samples"]
+    trainer.skipped_steps = client.get("skipped_steps", 0)
     rng = os.path.join(path, f"rng_rank{dist.get_rank():05d}.pt")
     if os.path.isfile(rng):
         _set_rng_state(torch.load(rng, weights_only=False))
+    else:   # saved with another DP size: the random streams do not map onto this world
+        log.warning(f"{rng} missing (another world size): random streams start afresh")
     log.info(f"resumed from {path} at step {trainer.step} ({trainer.consumed_samples} samples consumed)")
     return path

@@ -50,6 +50,8 @@ class TrainConfig:
     out_dir: str = "runs/default"    # TensorBoard logs and checkpoints go here
     peak_tflops: float = 0.0         # per-GPU peak for MFU; 0 = look up the GPU (H100/H200 bf16: 989)
     activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (recompute the MLPs)
+    max_nonfinite_steps: int = 5     # a step with a non-finite loss is skipped; this many in a row abort
+    stop_at_step: int = 0            # save and exit 0 after this step, as on SIGTERM (time-sliced jobs); 0 = off
 
 
 @dataclass
@@ -57,7 +59,7 @@ class CheckpointConfig:
     """The `checkpoint:` section."""
     interval: int = 0                # save every N steps (and always at the end); 0 = only at the end
     keep: int = 3                    # keep the newest K complete checkpoints
-    resume: str = "auto"             # auto (newest complete in out_dir/checkpoints) | none | a checkpoint path
+    resume: str = "auto"             # auto (newest complete in out_dir/checkpoints) | none | a checkpoint path (CLI: --resume)
 
 
 @dataclass
@@ -200,6 +202,8 @@ def validate(cfg: Config, world_size: int) -> None:
     if t.micro_batch_size < 1 or t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                           f"train.micro_batch_size x data-parallel size = {t.micro_batch_size} x {dp}")
+    if t.max_nonfinite_steps < 1 or t.stop_at_step < 0:
+        raise ConfigError("train: need max_nonfinite_steps >= 1 and stop_at_step >= 0")
     if t.steps < 1:
         raise ConfigError(f"train.steps must be >= 1, got {t.steps}")
     if cfg.optim.warmup_steps < 0 or cfg.optim.min_lr > cfg.optim.lr:

@@ -3,9 +3,11 @@ import math
 
 import deepspeed
 import torch
+import torch.distributed as dist
 
 from pretrain.config import Config, OptimConfig
 from pretrain.parallel import MegatronMPU, ParallelDims
+from pretrain.parallelize import is_pipeline
 
 
 def param_groups(model: torch.nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -56,15 +58,36 @@ def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
     return ds
 
 
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW that skips the update when any rank holds a non-finite gradient (what a
+    non-finite loss leaves), so one bad batch cannot poison the weights. Every rank calls step()
+    together (ZeRO partitions, pipeline stages), so the check is one world-wide all-reduce."""
+
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        bad = torch.zeros(1, device=grads[0].device if grads else "cpu")
+        for grad in grads:
+            bad += (~torch.isfinite(grad)).any()
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return None if bad.item() else super().step(closure)
+
+
+def set_lr(engine, step: int, cfg: Config) -> None:
+    """The learning rate is a function of the step alone, so skipped steps and resumes cannot
+    shift the schedule."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg.optim, cfg.train.steps)
+
+
 def build_engine(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
-    """deepspeed.initialize over our model, AdamW and schedule; TP/DP groups from megatron-core."""
+    """deepspeed.initialize over our model and AdamW (the trainer sets the LR each step). TP/DP groups come from megatron-core;
+    a pipeline model brings DeepSpeed's grid over the same topology instead (checked to agree)."""
     o = cfg.optim
-    optimizer = torch.optim.AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                                  fused=torch.cuda.is_available())
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_at(step, o, cfg.train.steps) / o.lr)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                           config=deepspeed_config(cfg, dims), mpu=MegatronMPU())
+    optimizer = AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                      fused=torch.cuda.is_available())
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, dims),
+                                           mpu=None if is_pipeline(model) else MegatronMPU())
     return engine
 
 

@@ -1,4 +1,5 @@
 """What a training run reports: log lines with rates and ETA, TensorBoard scalars, FLOPs and MFU."""
+import json
 import logging
 import os
 import resource
@@ -49,10 +50,11 @@ class MetricsLogger:
 
     def __init__(self, out_dir: str | None, total_steps: int, tokens_per_step: int, flops_per_step: float,
                  world_size: int, peak: float, start_step: int):
-        self.writer = None
+        self.writer = self.jsonl = None
         if out_dir:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+            self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a")
         self.total_steps, self.tokens_per_step = total_steps, tokens_per_step
         self.flops_per_step, self.world_size, self.peak = flops_per_step, world_size, peak
         self._t0, self._step0 = time.perf_counter(), start_step
@@ -75,6 +77,9 @@ class MetricsLogger:
             if self.peak:
                 rates["perf/mfu"] = tflops / self.peak
         self.scalars(step, {**values, **rates})
+        if self.jsonl:   # exact values (repr of the floats), one line per interval, for tools and tests
+            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.flush()
         eta = dt * (self.total_steps - step)
         parts = [f"step {step}/{self.total_steps}"]
         parts += [f"{k.removeprefix('train/')} {v:.4g}" for k, v in values.items()]
@@ -88,3 +93,4 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer:
             self.writer.close()
+            self.jsonl.close()

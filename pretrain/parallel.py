@@ -21,6 +21,7 @@ class ParallelConfig:
     pipeline: int = 1                # pipeline-parallel stages
     sequence_parallel: bool = False  # split norms/dropout activations along the sequence over TP ranks
     zero_stage: int = 1              # DeepSpeed ZeRO stage: 0, 1 or 2 (pipeline parallelism allows <= 1)
+    partition: str = "parameters"    # how layers are split into stages: parameters | type:Block (equal block counts) | uniform
 
 
 @dataclass(frozen=True)

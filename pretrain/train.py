@@ -2,7 +2,9 @@
 
 Start it with torchrun, the deepspeed launcher or srun (one process per GPU), or plainly for a
 world of one. SIGTERM / SIGUSR1 (SLURM's preemption warning) finish the current step, save a
-checkpoint and exit 0, so a requeued job resumes with ``checkpoint.resume: auto``.
+checkpoint and exit 0, so a requeued job resumes with ``--resume auto`` (the default).
+Exit codes: 0 done or stopped cleanly, 2 configuration / checkpoint mismatch, 1 anything else
+(including train.max_nonfinite_steps non-finite losses in a row).
 """
 import argparse
 import logging
@@ -14,13 +16,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from data_prep import build_datasets, check_tokenizer, micro_batches
-from model.gpt import build_gpt
 from pretrain import checkpoint
 from pretrain.config import Config, ConfigError, load_config, validate
 from pretrain.engine import build_engine
 from pretrain.metrics import MetricsLogger, flops_per_token, matmul_params, peak_tflops
 from pretrain.parallel import ParallelDims, destroy_distributed, init_distributed, world_size_from_env
-from pretrain.trainer import Trainer
+from pretrain.parallelize import build_model
+from pretrain.trainer import NonFiniteLossError, Trainer
 from quant.qat import attach_qat
 from quant.regularize import attach_kurtosis
 
@@ -54,14 +56,15 @@ def train(cfg: Config, dims: ParallelDims) -> Trainer:
     t = cfg.train
     check_tokenizer(cfg.data, cfg.model.vocab_size)
     torch.manual_seed(t.seed)                  # identical initial weights on every rank
-    model = build_gpt(cfg.model, cfg.parallel.sequence_parallel)
+    model = build_model(cfg, dims)
     quantizers, penalties = attach_qat(model, cfg.qat), attach_kurtosis(model, cfg.kurtosis)
     engine = build_engine(model, cfg, dims)
     trainer = Trainer(cfg, engine, quantizers, penalties)
-    checkpoint.resume(engine, trainer, cfg)
-    # Dropout masks: the same over TP ranks holding replicated activations, distinct under SP.
+    # Dropout masks: the same over TP ranks holding replicated activations, distinct under SP and
+    # per stage. A resume replaces these streams with the ones saved by the same rank.
     sp_rank = parallel_state.get_tensor_model_parallel_rank() if cfg.parallel.sequence_parallel else 0
-    torch.manual_seed(t.seed + 1000 * trainer.step + 100 * parallel_state.get_pipeline_model_parallel_rank() + sp_rank)
+    torch.manual_seed(t.seed + 100 * parallel_state.get_pipeline_model_parallel_rank() + sp_rank)
+    checkpoint.resume(engine, trainer, cfg)
 
     n_eval = t.eval_iters * t.micro_batch_size * dims.dp
     evals = t.steps // t.eval_interval + 1 if t.eval_interval else 1
@@ -105,10 +108,13 @@ def train(cfg: Config, dims: ParallelDims) -> Trainer:
         if interval and trainer.step % interval == 0:
             checkpoint.save(engine, trainer, cfg, model)
             saved_step = trainer.step
-        if stop.any_rank(engine.device):
+        if stop.any_rank(engine.device) or trainer.step == t.stop_at_step:
             if saved_step != trainer.step:
                 checkpoint.save(engine, trainer, cfg, model)
-            log.warning(f"stopped by signal at step {trainer.step}; resume with checkpoint.resume=auto")
+            log.warning(f"stopped at step {trainer.step} ({'signal' if stop.received else 'train.stop_at_step'}); "
+                        f"resume with --resume auto")
+            if logger:
+                logger.close()
             return trainer
     loss = validation_loss()
     if logger and loss is not None:
@@ -124,7 +130,11 @@ def train(cfg: Config, dims: ParallelDims) -> Trainer:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (configs/NAME.yaml)")
+    parser.add_argument("--resume", help="auto (newest complete checkpoint) | none | a checkpoint path; "
+                                         "the same as --checkpoint.resume")
     args, overrides = parser.parse_known_args(argv)
+    if args.resume is not None:
+        overrides += ["--checkpoint.resume", args.resume]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     try:
         cfg = load_config(args.config, overrides)
@@ -137,6 +147,12 @@ def main(argv=None) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         train(cfg, dims)
+    except ConfigError as e:            # e.g. a checkpoint that does not fit this run
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"training aborted: {e}", file=sys.stderr)
+        return 1
     finally:
         destroy_distributed()
     return 0

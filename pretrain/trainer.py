@@ -5,14 +5,19 @@ import logging
 
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.pipe.engine import PipelineEngine
 from megatron.core import parallel_state
 
 from pretrain.config import Config
-from pretrain.engine import loss_scale
+from pretrain.engine import loss_scale, set_lr
 from quant.qat import set_qat_step
 from quant.regularize import set_grad_scale
 
 log = logging.getLogger("pretrain")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps in a row had a non-finite loss."""
 
 
 def dp_mean(values: torch.Tensor) -> torch.Tensor:
@@ -28,45 +33,78 @@ class Trainer:
         self.quantizers, self.penalties = list(quantizers), list(penalties)
         self.logger = logger
         self.gas = engine.gradient_accumulation_steps()
+        self.pipeline = isinstance(engine, PipelineEngine)
         self.step = 0                     # optimizer steps done
         self.consumed_samples = 0         # global samples consumed (the data position to resume from)
-        self._loss_sum = torch.zeros((), dtype=torch.float64)
+        self.skipped_steps = 0            # steps skipped for a non-finite loss, in the whole run
+        self.nonfinite_in_row = 0
+        self._loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # no host sync per step
         self._loss_count = 0
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
 
     def train_step(self, micro_batches) -> torch.Tensor:
-        """One optimizer step over ``gas`` micro-batches from the iterator; returns this rank's
-        mean loss (detached) of the step."""
+        """One optimizer step over ``gas`` micro-batches from the iterator; returns the step's mean
+        loss (detached): this rank's, or under pipeline parallelism the DP mean."""
         set_qat_step(self.quantizers, self.step, self.cfg.qat)
+        set_lr(self.engine, self.step, self.cfg)
         set_grad_scale(loss_scale(self.engine) / self.gas)
         self.engine.train()
-        losses = []
-        for batch in itertools.islice(micro_batches, self.gas):
-            batch = self._to_device(batch)
-            loss = self.engine(batch["tokens"], batch["labels"])
-            self.engine.backward(loss)
-            self.engine.step()
-            losses.append(loss.detach().float())
-        if len(losses) < self.gas:
+        batches = list(itertools.islice(micro_batches, self.gas))
+        if len(batches) < self.gas:
             raise RuntimeError(f"the training data ran out at step {self.step}")
+        if self.pipeline:   # 1F1B over the micro-batches; the DP-mean loss comes back on every stage
+            step_loss = self.engine.train_batch(iter([(b["tokens"], b["labels"]) for b in batches])).float()
+        else:
+            losses = []
+            for batch in map(self._to_device, batches):
+                loss = self.engine(batch["tokens"], batch["labels"])
+                self.engine.backward(loss)
+                self.engine.step()
+                losses.append(loss.detach().float())
+            step_loss = torch.stack(losses).mean()
         self.step += 1
         self.consumed_samples += self.cfg.train.global_batch_size
-        step_loss = torch.stack(losses).mean()
-        self._loss_sum += step_loss.double().cpu()
-        self._loss_count += 1
+        if self._finite_everywhere(step_loss):
+            self.nonfinite_in_row = 0
+            self._loss_sum += step_loss.double()
+            self._loss_count += 1
+        else:
+            self._skip(step_loss)
         return step_loss
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        ok = torch.isfinite(loss).float().reshape(1)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+        return bool(ok.item())
+
+    def _skip(self, loss: torch.Tensor) -> None:
+        """The optimizer has already skipped the update (engine.AdamW, or DeepSpeed's own overflow
+        check); count it, and give up after train.max_nonfinite_steps in a row."""
+        self.skipped_steps += 1
+        self.nonfinite_in_row += 1
+        limit = self.cfg.train.max_nonfinite_steps
+        log.warning(f"step {self.step}: non-finite loss ({loss.item()} on rank {dist.get_rank()}); update "
+                    f"skipped ({self.nonfinite_in_row} in a row, {self.skipped_steps} in this run)")
+        if self.nonfinite_in_row >= limit:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_in_row} steps in a row (up to step {self.step}) had a non-finite loss "
+                f"(train.max_nonfinite_steps={limit}): aborting. Resume from the last checkpoint with a lower "
+                f"optim.lr, bf16 instead of fp16, or model.norm_fp32: true")
 
     @torch.no_grad()
     def evaluate(self, micro_batches) -> float:
         """Mean validation loss over cfg.train.eval_iters micro-batches per rank, averaged over DP."""
-        self.engine.eval()
-        losses = [self.engine(**self._to_device(b)).float()
-                  for b in itertools.islice(micro_batches, self.cfg.train.eval_iters)]
-        self.engine.train()
-        if not losses:
+        batches = list(itertools.islice(micro_batches, self.cfg.train.eval_iters))
+        if not batches:
             raise RuntimeError("the validation set yielded no batches")
+        if self.pipeline:   # DP-mean loss, broadcast to every stage
+            return self.engine.eval_batch(iter([(b["tokens"], b["labels"]) for b in batches]),
+                                          num_micro_batches=len(batches)).item()
+        self.engine.eval()
+        losses = [self.engine(**self._to_device(b)).float() for b in batches]
+        self.engine.train()
         return dp_mean(torch.stack(losses).mean()).item()
 
     def interval_metrics(self) -> dict:
@@ -74,7 +112,7 @@ class Trainer:
         loss = dp_mean(self._loss_sum.to(self.engine.device).float() / max(1, self._loss_count)).item()
         self._loss_sum.zero_()
         self._loss_count = 0
-        values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0]}
+        values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0], "train/skipped_steps": self.skipped_steps}
         grad_norm = self.engine.get_global_grad_norm()   # None under ZeRO-0, which does not record it
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)

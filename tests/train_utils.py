@@ -1,16 +1,17 @@
 """Small end-to-end training runs for the equivalence tests: build the model under a parallel
 layout, load one shared full state, record gradients and a loss trajectory."""
 import torch
+from megatron.core import parallel_state
 
-from model.gpt import build_gpt
+from model.pipeline import to_gpt_name, to_pipeline_name
 from model.sharding import gather_state_dict, shard_state_dict
 from pretrain.config import config_from_dict
 from pretrain.engine import build_engine
 from pretrain.parallel import init_distributed
+from pretrain.parallelize import build_model, is_pipeline
 from pretrain.trainer import Trainer
 from quant.qat import attach_qat
 from quant.regularize import attach_kurtosis, set_grad_scale
-from megatron.core import parallel_state
 
 TINY = {
     "model": {"vocab_size": 96, "seq_length": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 4},
@@ -47,9 +48,25 @@ def build(overrides: dict):
     cfg = config_from_dict(merged(TINY, overrides))
     dims = init_distributed(cfg.parallel)
     torch.manual_seed(cfg.train.seed)
-    model = build_gpt(cfg.model, cfg.parallel.sequence_parallel)
+    model = build_model(cfg, dims)
     quantizers, penalties = attach_qat(model, cfg.qat), attach_kurtosis(model, cfg.kurtosis)
     return cfg, dims, model, quantizers, penalties
+
+
+def gpt_names(model, state: dict) -> dict:
+    """A state keyed like the plain GPT's, whatever layout ``model`` has."""
+    if not is_pipeline(model):
+        return state
+    layers = len(model._layer_specs) - 2
+    return {to_gpt_name(n, layers): t for n, t in state.items()}
+
+
+def load_full_state(model, full: dict) -> None:
+    """Load a full (TP=1, plain GPT names) state into this rank's shard or pipeline stage."""
+    if is_pipeline(model):
+        layers = len(model._layer_specs) - 2
+        full = {to_pipeline_name(n, layers): t for n, t in full.items()}
+    model.load_state_dict(shard_state_dict(full, model), strict=False)
 
 
 def initial_state(overrides: dict) -> dict:
@@ -59,17 +76,20 @@ def initial_state(overrides: dict) -> dict:
 
 
 def run(overrides: dict, full_state: dict, steps: int) -> dict:
-    """Full gradients of the first micro-batch (plain autograd, before any step), then the
-    DP-averaged loss of each of ``steps`` DeepSpeed steps."""
+    """Full gradients of the first micro-batch (plain autograd, before any step; not under pipeline
+    parallelism, where no rank holds the whole forward), then the DP-averaged loss of each of
+    ``steps`` DeepSpeed steps and this rank's final parameters (full over TP, GPT names)."""
     cfg, dims, model, quantizers, penalties = build(overrides)
-    model.load_state_dict(shard_state_dict(full_state, model))
+    load_full_state(model, full_state)
     samples = global_samples(cfg, steps * cfg.train.global_batch_size)
 
-    first = next(rank_micro_batches(samples, cfg.train.micro_batch_size))
-    set_grad_scale(1.0)
-    model(first["tokens"], first["labels"]).backward()
-    grads = gather_state_dict(model, {n: p.grad for n, p in model.named_parameters()})
-    model.zero_grad(set_to_none=True)
+    grads = None
+    if not is_pipeline(model):
+        first = next(rank_micro_batches(samples, cfg.train.micro_batch_size))
+        set_grad_scale(1.0)
+        model(first["tokens"], first["labels"]).backward()
+        grads = gather_state_dict(model, {n: p.grad for n, p in model.named_parameters()})
+        model.zero_grad(set_to_none=True)
 
     trainer = Trainer(cfg, build_engine(model, cfg, dims), quantizers, penalties)
     batches = rank_micro_batches(samples, cfg.train.micro_batch_size)
@@ -79,4 +99,4 @@ def run(overrides: dict, full_state: dict, steps: int) -> dict:
         metrics = trainer.interval_metrics()
         losses.append(metrics["train/loss"])
         norms.append(metrics["train/grad_norm"])
-    return {"grads": grads, "losses": losses, "grad_norms": norms, "final": gather_state_dict(model)}
+    return {"grads": grads, "losses": losses, "grad_norms": norms, "final": gpt_names(model, gather_state_dict(model))}

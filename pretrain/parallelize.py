@@ -1,0 +1,44 @@
+"""Build this rank's model for a parallel layout: the plain GPT (PP = 1) or its pipeline stage
+(PP > 1, DeepSpeed's ``PipelineModule`` over ``model.pipeline_layers``), then activation
+checkpointing. One function, so every entry point and test builds the same thing."""
+import functools
+
+import torch
+import torch.utils.checkpoint
+from deepspeed.pipe import PipelineModule
+
+from model.gpt import MLP, Block, build_gpt, lm_loss
+from model.pipeline import pipeline_layers
+from pretrain.config import Config
+from pretrain.parallel import ParallelDims, deepspeed_topology
+
+
+def checkpoint_activations(model: torch.nn.Module, mode: str) -> None:
+    """Recompute activations in backward instead of keeping them: ``full`` recomputes each
+    transformer block (only its input is kept), ``selective`` only the MLPs (their 4h-wide
+    intermediates are the largest activations; attention keeps no score matrix under SDPA).
+    The forward is wrapped in place, so parameter names and checkpoints are unchanged."""
+    if mode == "none":
+        return
+    kind = Block if mode == "full" else MLP
+    for module in model.modules():
+        if isinstance(module, kind):
+            module.forward = functools.partial(torch.utils.checkpoint.checkpoint, module.forward,
+                                               use_reentrant=False)
+
+
+def build_model(cfg: Config, dims: ParallelDims) -> torch.nn.Module:
+    """This rank's modules: the whole GPT, or its pipeline stage with the loss on the last stage."""
+    sp = cfg.parallel.sequence_parallel
+    if dims.pp == 1:
+        model = build_gpt(cfg.model, sp)
+    else:
+        cfg.model.validate(dims.tp)
+        model = PipelineModule(pipeline_layers(cfg.model, sp), topology=deepspeed_topology(dims), loss_fn=lm_loss,
+                               partition_method=cfg.parallel.partition)
+    checkpoint_activations(model, cfg.train.activation_checkpointing)
+    return model
+
+
+def is_pipeline(model: torch.nn.Module) -> bool:
+    return isinstance(model, PipelineModule)
