@@ -22,7 +22,7 @@ MAX_BITS = 16  # keeps z below 2^22, where the magic-number rounding below is ex
 # interpreter fallback, and this is exact on both).
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 _BLOCK = 4096
-_REDUCE_BLOCK = 1024
+_REDUCE_BLOCK = 8192  # one pass of the second stage per 2^25 elements
 
 
 def resolve_impl(impl, x: torch.Tensor) -> str:
@@ -90,45 +90,48 @@ def _backward_torch(x, g, c_lo, c_hi, bits):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
-def _scaled(x_ptr, c_lo_ptr, c_hi_ptr, numel, n_steps, BLOCK: tl.constexpr):
-    """This program's block of x in fp32, its mask, the clips, the grid step 1/s and
-    z = (clamp(x) - c_lo) * s. Divisions are per program: per element they would cost more
-    than the memory traffic."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _clip_params(c_lo_ptr, c_hi_ptr, n_steps):
+    """The clips, s and the grid step 1/s. Divisions are per program: per element they would cost
+    more than the memory traffic."""
     c_lo = tl.load(c_lo_ptr)
     c_hi = tl.load(c_hi_ptr)
     s = tl.math.div_rn(n_steps, c_hi - c_lo)  # IEEE division, as torch does it
     step = tl.math.div_rn(c_hi - c_lo, n_steps)
-    z = (tl.minimum(tl.maximum(x, c_lo), c_hi) - c_lo) * s
-    return offs, mask, x, c_lo, c_hi, step, z
+    return c_lo, c_hi, s, step
 
 
 @triton.jit
 def _fwd_kernel(x_ptr, c_lo_ptr, c_hi_ptr, out_ptr, numel, n_steps, BLOCK: tl.constexpr):
-    offs, mask, x, c_lo, c_hi, step, z = _scaled(x_ptr, c_lo_ptr, c_hi_ptr, numel, n_steps, BLOCK)
-    q = (z + _ROUND_MAGIC) - _ROUND_MAGIC
-    x_hat = q * step + c_lo
+    c_lo, c_hi, s, step = _clip_params(c_lo_ptr, c_hi_ptr, n_steps)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    z = (tl.minimum(tl.maximum(x, c_lo), c_hi) - c_lo) * s
+    x_hat = ((z + _ROUND_MAGIC) - _ROUND_MAGIC) * step + c_lo
     tl.store(out_ptr + offs, x_hat.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _bwd_kernel(x_ptr, g_ptr, c_lo_ptr, c_hi_ptr, dx_ptr, partial_ptr, numel, n_steps,
                 BLOCK: tl.constexpr):
-    """dx for one block, plus this block's fp32 partial sums of dc_lo and dc_hi."""
-    offs, mask, x, c_lo, c_hi, _, z = _scaled(x_ptr, c_lo_ptr, c_hi_ptr, numel, n_steps, BLOCK)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    """dx for one block, plus its fp32 partial sums of dc_lo and dc_hi at partial_ptr[0, pid] and
+    [1, pid]. Each element's contribution to both sums is formed first, so a program does two
+    cross-warp reductions, not three."""
+    c_lo, c_hi, s, _ = _clip_params(c_lo_ptr, c_hi_ptr, n_steps)
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # g = 0 keeps the sums exact
     above = x >= c_hi
     below = x <= c_lo
-    inside = (~(above | below)) & mask
-    q = (z + _ROUND_MAGIC) - _ROUND_MAGIC
-    delta_g = tl.where(inside, (q - z) * tl.math.div_rn(1.0, n_steps) * g, 0.0)
+    inside = ~(above | below)
+    z = (tl.minimum(tl.maximum(x, c_lo), c_hi) - c_lo) * s
+    delta = (((z + _ROUND_MAGIC) - _ROUND_MAGIC) - z) * tl.math.div_rn(1.0, n_steps)
+    delta_g = tl.where(inside, delta * g, 0.0)
     tl.store(dx_ptr + offs, tl.where(inside, g, 0.0).to(dx_ptr.dtype.element_ty), mask=mask)
-    sum_delta_g = tl.sum(delta_g, axis=0)
-    pid = tl.program_id(0)
-    tl.store(partial_ptr + 2 * pid, tl.sum(tl.where(below, g, 0.0), axis=0) - sum_delta_g)
-    tl.store(partial_ptr + 2 * pid + 1, tl.sum(tl.where(above, g, 0.0), axis=0) + sum_delta_g)
+    tl.store(partial_ptr + pid, tl.sum(tl.where(below, g, -delta_g), axis=0))
+    tl.store(partial_ptr + tl.num_programs(0) + pid, tl.sum(tl.where(above, g, delta_g), axis=0))
 
 
 @triton.jit
@@ -140,8 +143,8 @@ def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, BLOCK: tl.constexpr):
     while start < n_partials:  # not range(): the interpreter cannot iterate to a runtime bound
         idx = start + tl.arange(0, BLOCK)
         mask = idx < n_partials
-        acc_lo += tl.load(partial_ptr + 2 * idx, mask=mask, other=0.0)
-        acc_hi += tl.load(partial_ptr + 2 * idx + 1, mask=mask, other=0.0)
+        acc_lo += tl.load(partial_ptr + idx, mask=mask, other=0.0)
+        acc_hi += tl.load(partial_ptr + n_partials + idx, mask=mask, other=0.0)
         start += BLOCK
     tl.store(out_ptr, tl.sum(acc_lo, axis=0))
     tl.store(out_ptr + 1, tl.sum(acc_hi, axis=0))
@@ -156,16 +159,18 @@ def _forward_triton(x, c_lo, c_hi, bits):
     return out
 
 
-def _backward_triton(x, g, c_lo, c_hi, bits):
+def _backward_triton(x, g, c_lo, c_hi, bits, block=_BLOCK, num_warps=8):
+    """Launch settings are arguments only so that bench/kernels_sweep.py can tune them."""
     x, g = x.contiguous(), g.contiguous()
     dx = torch.empty_like(x)
     numel = x.numel()
-    n_programs = triton.cdiv(numel, _BLOCK)
-    partials = torch.empty(n_programs, 2, dtype=torch.float32, device=x.device)
+    n_programs = triton.cdiv(numel, block)
+    partials = torch.empty(2, n_programs, dtype=torch.float32, device=x.device)
     _bwd_kernel[(n_programs,)](x, g, c_lo, c_hi, dx, partials, numel, float(2 ** bits - 1),
-                               BLOCK=_BLOCK, num_warps=8)
+                               BLOCK=block, num_warps=num_warps)
     clip_grads = torch.empty(2, dtype=torch.float32, device=x.device)
-    _sum_partials_kernel[(1,)](partials, clip_grads, n_programs, BLOCK=_REDUCE_BLOCK)
+    _sum_partials_kernel[(1,)](partials, clip_grads, n_programs, BLOCK=_REDUCE_BLOCK,
+                               num_warps=16)
     return dx, clip_grads[0], clip_grads[1]
 
 

@@ -8,10 +8,11 @@ import torch
 
 from kernels import (KURTOSIS_EPS, fake_quant, fake_quant_backward, fake_quant_forward,
                      token_kurtosis)
+from kernels.fake_quant import _backward_triton, _sum_partials_kernel
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IMPLS = ["torch", "triton"]
-SHAPES = [(37, 129), (3, 5, 200), (4099,)]  # 37*129 and 4099 span two 4096-element programs
+SHAPES = [(37, 129), (3, 5, 200), (4099,)]  # 37*129 and 4099 span two 4096-element fwd programs
 BITS = 4
 
 
@@ -114,8 +115,28 @@ def test_fake_quant_backward_matches_surrogate_float64(shape, dtype):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=tol)
 
 
+def test_fake_quant_backward_many_programs():
+    """Hundreds of partial sums and a ragged last block, at a small block size."""
+    x = _straddling((5, 4001), torch.bfloat16, seed=13)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(14)).to(x.dtype)
+    c_lo, c_hi = _clips()
+    ref_dx, ref_lo, ref_hi = fake_quant_backward(x, g, c_lo, c_hi, BITS, impl="torch")
+    dx, dc_lo, dc_hi = _backward_triton(x, g, c_lo, c_hi, BITS, block=64)
+    assert torch.equal(dx, ref_dx)
+    tol = 1e-5 * g.double().abs().sum().item()
+    assert abs(dc_lo.item() - ref_lo.item()) <= tol and abs(dc_hi.item() - ref_hi.item()) <= tol
+
+
+def test_sum_partials_loops_over_many_partials():
+    """The second stage sums (2, n) partials in several passes of its block."""
+    partials = torch.randn(2, 1000, generator=torch.Generator().manual_seed(15))
+    out = torch.empty(2)
+    _sum_partials_kernel[(1,)](partials, out, partials.shape[1], BLOCK=64)
+    torch.testing.assert_close(out, partials.sum(1), rtol=1e-5, atol=1e-5)
+
+
 def test_fake_quant_backward_bitwise_repeatable():
-    x = _straddling((3, 5000), torch.bfloat16, seed=4)  # 4 programs, so 4 partial sums
+    x = _straddling((3, 12000), torch.bfloat16, seed=4)  # several programs and partial sums
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(x.dtype)
     c_lo, c_hi = _clips()
     first = fake_quant_backward(x, g, c_lo, c_hi, BITS, impl="triton")

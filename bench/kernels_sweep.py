@@ -1,0 +1,98 @@
+"""Launch-setting sweep for the fake-quant backward and kurtosis moments kernels, on one GPU.
+
+    python bench/kernels_sweep.py    # needs CUDA; JSON to $OUT/kernels_sweep.json if OUT is set
+
+Each setting is checked against the kernel at its default settings (fake-quant dx bitwise, clip
+gradients and kappa to fp32 rounding) and timed as a fraction of a device copy of its input, on
+the same byte counts as bench/kernels.py.
+"""
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo, not bench/, on sys.path
+
+import torch  # noqa: E402
+import triton.testing  # noqa: E402
+
+from kernels import KURTOSIS_EPS  # noqa: E402
+from kernels.fake_quant import _backward_triton  # noqa: E402
+from kernels.kurtosis import _moments_triton  # noqa: E402
+
+TOKENS, BITS = 16384, 4
+C_LO, C_HI = -3.8917, 4.1043  # as bench/kernels.py
+FQ_HIDDENS, KURT_HIDDENS = (2048, 8192), (1024, 2048, 3072, 4096, 8192)
+FQ_SETTINGS = [dict(block=b, num_warps=w)
+               for b, w in ((1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (8192, 8),
+                            (8192, 16))]
+KURT_SETTINGS = [dict(num_warps=w) for w in (1, 2, 4, 8, 16)]
+
+
+def _bench(fn):
+    return triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+
+
+def _elems_per_thread(n_cols, setting):
+    elems = triton.next_power_of_2(n_cols)
+    return elems / (32 * setting["num_warps"])
+
+
+def sweep_fake_quant(hidden, rows):
+    gen = torch.Generator("cuda").manual_seed(0)
+    x = (torch.randn(TOKENS, hidden, generator=gen, device="cuda") * 2).to(torch.bfloat16)
+    g = torch.randn(TOKENS, hidden, generator=gen, device="cuda").to(torch.bfloat16)
+    c_lo, c_hi = torch.tensor(C_LO, device="cuda"), torch.tensor(C_HI, device="cuda")
+    e = x.numel() * x.element_size()
+    copy_gbps = 2 * e / _bench(lambda: x.clone()) / 1e6
+    ref_dx, ref_lo, ref_hi = _backward_triton(x, g, c_lo, c_hi, BITS)
+    for setting in [None] + FQ_SETTINGS:
+        kw = setting or {}
+        dx, lo, hi = _backward_triton(x, g, c_lo, c_hi, BITS, **kw)
+        ok = (torch.equal(dx, ref_dx) and torch.allclose(lo, ref_lo, rtol=1e-4, atol=1e-2)
+              and torch.allclose(hi, ref_hi, rtol=1e-4, atol=1e-2))
+        ms = _bench(lambda: _backward_triton(x, g, c_lo, c_hi, BITS, **kw))
+        gbps = 3 * e / ms / 1e6
+        rows.append(dict(kernel="fake_quant bwd", hidden=hidden, setting=setting or "default",
+                         ms=ms, gbps=gbps, vs_copy=gbps / copy_gbps, ok=ok))
+
+
+def sweep_kurtosis(hidden, rows):
+    gen = torch.Generator("cuda").manual_seed(0)
+    y = torch.randn(TOKENS, hidden, generator=gen, device="cuda")
+    y[:, ::97] = y[:, ::97] * 4 + 8
+    y = y.to(torch.bfloat16)
+    e = y.numel() * y.element_size()
+    copy_gbps = 2 * e / _bench(lambda: y.clone()) / 1e6
+    ref_kappa, _ = _moments_triton(y, KURTOSIS_EPS)
+    for setting in [None] + KURT_SETTINGS:
+        kw = setting or {}
+        if setting and not 8 <= _elems_per_thread(hidden, setting) <= 128:
+            continue
+        kappa, _ = _moments_triton(y, KURTOSIS_EPS, **kw)
+        ok = torch.allclose(kappa, ref_kappa, rtol=1e-5, atol=0)
+        ms = _bench(lambda: _moments_triton(y, KURTOSIS_EPS, **kw))
+        gbps = (e + TOKENS * 24) / ms / 1e6
+        rows.append(dict(kernel="kurtosis fwd", hidden=hidden, setting=setting or "default",
+                         ms=ms, gbps=gbps, vs_copy=gbps / copy_gbps, ok=ok))
+
+
+def main():
+    if not torch.cuda.is_available():
+        sys.exit("bench/kernels_sweep.py needs a CUDA GPU")
+    rows = []
+    for hidden in KURT_HIDDENS:
+        sweep_kurtosis(hidden, rows)
+    for hidden in FQ_HIDDENS:
+        sweep_fake_quant(hidden, rows)
+    print(f"{torch.cuda.get_device_name()}, {TOKENS} tokens, bf16")
+    for row in rows:
+        print(f"{row['kernel']:<15} {row['hidden']:>5} {json.dumps(row['setting']):<62} "
+              f"{row['ms']:8.4f} ms {row['gbps']:6.0f} GB/s {row['vs_copy']:5.2f}"
+              f"{'' if row['ok'] else '  MISMATCH'}")
+    if os.environ.get("OUT"):
+        (Path(os.environ["OUT"]) / "kernels_sweep.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
