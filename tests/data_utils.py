@@ -36,12 +36,12 @@ def train_args(data: str, out_dir: str, *extra: str) -> list[str]:
             "--train.eval_interval", "0", "--optim.warmup_steps", "2", *extra]
 
 
-def torchrun(nprocs: int, args: list[str], timeout: float = 300, **popen) -> subprocess.Popen:
-    """Start ``torchrun --nproc-per-node N -m pretrain.train ARGS`` (stdout+stderr piped)."""
+def torchrun(nprocs: int, args: list[str], module: str = "pretrain.train", env: dict = {}) -> subprocess.Popen:
+    """Start ``torchrun --nproc-per-node N -m MODULE ARGS`` (stdout+stderr piped)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nprocs), "--master-port",
-           str(free_port()), "-m", "pretrain.train", *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            **popen)
+           str(free_port()), "-m", module, *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env={**ENV, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
 
 
 def single(args: list[str]) -> subprocess.Popen:

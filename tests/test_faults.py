@@ -1,0 +1,130 @@
+"""Faults, for real: a signal mid-run saves and exits 0; a rank SIGKILLed during a save leaves the
+previous checkpoint as the one to resume from; incomplete checkpoints are never loaded; non-finite
+losses skip the step and too many in a row abort.
+
+Run as ``python -m tests.test_faults ARGS``, this module is ``pretrain.train`` except that rank 1
+kills itself with SIGKILL in the middle of its $KILL_AT_SAVE-th checkpoint save.
+"""
+import os
+import signal
+import time
+
+import psutil
+import pytest
+import torch
+
+from model.gpt import Head
+from model.sharding import gather_state_dict
+from pretrain.engine import build_engine
+from pretrain.trainer import NonFiniteLossError, Trainer
+from tests.data_utils import finish, losses, single, tiny_data, torchrun, train_args
+from tests.dist_utils import run_distributed
+from tests.train_utils import build, global_samples, rank_micro_batches
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    return tiny_data(tmp_path_factory)
+
+
+def _worker(launcher: psutil.Process, rank: int) -> psutil.Process:
+    for child in launcher.children(recursive=True):
+        if child.environ().get("RANK") == str(rank):
+            return child
+    raise AssertionError(f"no rank {rank} under pid {launcher.pid}")
+
+
+def _wait_for_steps(out_dir, n: int, proc, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(os.path.join(out_dir, "metrics.jsonl")) and len(losses(out_dir)) >= n):
+        assert proc.poll() is None and time.monotonic() < deadline, "training ended before the signal"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig, rank", [(signal.SIGTERM, 1), (signal.SIGUSR1, 0)], ids=["sigterm", "sigusr1"])
+def test_signal_saves_and_exits_zero(data, tmp_path, sig, rank):
+    proc = torchrun(2, train_args(data, str(tmp_path), "--train.steps", "500"))
+    _wait_for_steps(tmp_path, 2, proc)
+    _worker(psutil.Process(proc.pid), rank).send_signal(sig)    # one rank only: the others learn it
+    code, log = finish(proc)
+    assert code == 0, log
+    last = max(losses(tmp_path))
+    assert 2 <= last < 500 and f"stopped at step {last} (signal)" in log
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == f"step{last:08d}" and (root / f"step{last:08d}" / "COMPLETE").exists()
+    code, log = finish(torchrun(2, train_args(data, str(tmp_path), "--train.steps", "500",
+                                              "--train.stop_at_step", str(last + 1))))
+    assert code == 0 and f"resumed from {root / f'step{last:08d}'}" in log, log
+
+
+def test_sigkill_during_save_resumes_from_previous_checkpoint(data, tmp_path):
+    args = train_args(data, str(tmp_path), "--train.steps", "6", "--checkpoint.interval", "2")
+    code, log = finish(torchrun(2, args, module="tests.test_faults", env={"KILL_AT_SAVE": "2"}))
+    assert code != 0 and "SIGKILL" in log, log
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step00000002"
+    assert (root / "step00000004").is_dir() and not (root / "step00000004" / "COMPLETE").exists()
+    before = losses(tmp_path)
+    assert sorted(before) == [1, 2, 3, 4]
+
+    # An explicit path to the torn checkpoint is refused; auto skips it even when `latest` names it.
+    code, log = finish(single([*args, "--resume", str(root / "step00000004")]))
+    assert code == 2 and "incomplete (no COMPLETE marker): refusing to load it" in log, log
+    (root / "latest").write_text("step00000004")
+    code, log = finish(torchrun(2, args))
+    assert code == 0 and f"resumed from {root / 'step00000002'} at step 2" in log, log
+    after = losses(tmp_path)
+    assert sorted(after) == list(range(1, 7))
+    assert after[3] == before[3] and after[4] == before[4]      # the same trajectory as before the crash
+    assert (root / "latest").read_text() == "step00000006"
+    assert sorted(p.name for p in root.glob("step*")) == ["step00000002", "step00000004", "step00000006"]
+    assert all((root / n / "COMPLETE").exists() for n in ("step00000004", "step00000006"))
+
+
+def _nonfinite_run(overrides: dict, poisoned: set[int], steps: int) -> dict:
+    """Train with the LM head's output turned to NaN on the ``poisoned`` steps (on the stage that
+    holds the head); return per-step losses, whether weights moved, and any abort message."""
+    cfg, dims, model, quantizers, penalties = build(overrides)
+    trainer = Trainer(cfg, build_engine(model, cfg, dims), quantizers, penalties)
+    for head in (m for m in model.modules() if isinstance(m, Head)):
+        head.register_forward_hook(lambda m, i, out: out * float("nan") if trainer.step in poisoned else out)
+    batches = rank_micro_batches(global_samples(cfg, steps * cfg.train.global_batch_size), cfg.train.micro_batch_size)
+    record = {"losses": [], "moved": [], "error": None}
+    try:
+        for _ in range(steps):
+            before = gather_state_dict(model)
+            record["losses"].append(trainer.train_step(batches).item())
+            after = gather_state_dict(model)
+            record["moved"].append(any(not torch.equal(before[n], after[n]) for n in before))
+    except NonFiniteLossError as e:
+        record["error"] = str(e)
+    record["skipped"] = trainer.skipped_steps
+    return record
+
+
+@pytest.mark.parametrize("world, parallel", [(1, {"zero_stage": 0}), (2, {"pipeline": 2, "zero_stage": 1})],
+                         ids=["zero0", "pp2-zero1"])
+def test_nonfinite_loss_skips_the_step_and_repeated_ones_abort(world, parallel):
+    over = {"train": {"max_nonfinite_steps": 2}, "parallel": parallel}
+    for rec in run_distributed(_nonfinite_run, world, over, {1, 3, 4}, 6):
+        assert rec["moved"] == [True, False, True, False] and rec["skipped"] == 3
+        assert [v != v for v in rec["losses"]] == [False, True, False, True]   # NaN on steps 1 and 3
+        assert "2 steps in a row (up to step 5) had a non-finite loss (train.max_nonfinite_steps=2): aborting" \
+            in rec["error"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    from pretrain import checkpoint, train
+
+    save_rng, saves = checkpoint._rng_state, []
+
+    def _dying_rng_state():   # called by checkpoint.save after DeepSpeed wrote this rank's shards
+        saves.append(1)
+        if os.environ["RANK"] == "1" and len(saves) == int(os.environ["KILL_AT_SAVE"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return save_rng()
+
+    checkpoint._rng_state = _dying_rng_state
+    sys.exit(train.main())
