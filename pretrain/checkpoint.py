@@ -151,8 +151,9 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_compatible(saved: dict, cfg: Config, path: str) -> None:
-    """Refuse to resume into a different model, parallel layout or tokenizer; name each mismatch."""
+def check_compatible(saved: dict, cfg: Config, path: str, pipeline: dict | None = None) -> None:
+    """Refuse to resume into a different model, parallel layout (incl. the pipeline stage split,
+    which the optimizer shards follow) or tokenizer; name each mismatch."""
     problems = []
     old = config_from_dict(saved["config"])
     for f in dataclasses.fields(old.model):
@@ -163,6 +164,10 @@ def check_compatible(saved: dict, cfg: Config, path: str) -> None:
                      ("pipeline_parallel", parallel_state.get_pipeline_model_parallel_world_size())):
         if saved[key] != now:
             problems.append(f"{key} size: checkpoint {saved[key]}, this run {now}")
+    old_parts, parts = (saved.get("pipeline") or {}).get("parts"), (pipeline or {}).get("parts")
+    if old_parts and parts and len(old_parts) == len(parts) and old_parts != parts:
+        problems.append(f"pipeline stage boundaries (parallel.partition): checkpoint {old_parts}, "
+                        f"this run {parts}")
     if saved["tokenizer_sha256"] != tokenizer_identity(cfg):
         problems.append(f"tokenizer: checkpoint sha256 {saved['tokenizer_sha256']}, "
                         f"data.tokenizer {cfg.data.tokenizer!r} has {tokenizer_identity(cfg)}")
@@ -186,7 +191,7 @@ def resume(engine, trainer, cfg: Config) -> str | None:
     if not is_complete(path):
         raise ConfigError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): refusing to load it")
     client = read_meta(path)
-    check_compatible(client, cfg, path)     # before DeepSpeed loads tensors into a mismatched model
+    check_compatible(client, cfg, path, pipeline_layout(engine.module))     # before DeepSpeed loads tensors into a mismatched model
     root, tag = os.path.split(path)
     load_path, _ = engine.load_checkpoint(root, tag=tag)
     if load_path is None:
