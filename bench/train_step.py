@@ -75,20 +75,24 @@ def time_steps(step, steps: int, warmup: int) -> float:
 def print_profile(step, steps: int = 3) -> None:
     """The GPU kernels that take the most time over a few steps (after the timed ones)."""
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+    print(prof.key_averages().table(sort_by="device_time_total", row_limit=60, max_name_column_width=70))
 
 
-def run_variant(variant: str, config: str, micro: int, steps: int, warmup: int, profile: bool = False) -> dict:
+def run_variant(spec: str, config: str, micro: int, steps: int, warmup: int, profile: bool = False) -> dict:
+    """``spec`` is a variant name, optionally with config overrides: ``ours@parallel.zero_stage=0``."""
     from pretrain.config import load_config
     from pretrain.metrics import flops_per_token, matmul_params
 
+    variant, *extra = spec.split("@")
     cfg = load_config(config, ["--train.micro_batch_size", str(micro), "--train.global_batch_size", str(micro),
                                "--qat.enabled", str(variant.startswith("ours-qat")).lower(),
-                               "--kurtosis.enabled", str(variant == "ours-qat").lower()])
+                               "--kurtosis.enabled", str(variant == "ours-qat").lower()]
+                      + [f"--{kv}" for kv in extra])
     device = torch.device("cuda")
     batches = random_batches(cfg, micro, device)
     torch.manual_seed(0)
@@ -126,7 +130,7 @@ def run_variant(variant: str, config: str, micro: int, steps: int, warmup: int, 
         print_profile(step)
     tokens = micro * cfg.model.seq_length
     tflops = flops_per_token(cfg.model, matmul_params(cfg.model)) * tokens / dt / 1e12
-    return {"variant": variant, "step_ms": dt * 1e3, "tokens_per_s": tokens / dt, "tflops": tflops,
+    return {"variant": spec, "step_ms": dt * 1e3, "tokens_per_s": tokens / dt, "tflops": tflops,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
             "params": sum(p.numel() for p in model.parameters())}
 
@@ -163,13 +167,13 @@ def main():
         results.append(json.loads(lines[-1][7:]))
         print(f"done {variant}: {results[-1]['step_ms']:.1f} ms/step", flush=True)
     base = {r["variant"]: r for r in results if "step_ms" in r}
-    print(f"\n{'variant':<15}{'ms/step':>9}{'tok/s':>10}{'TFLOP/s':>9}{'peak GiB':>10}{'vs plain':>10}{'vs ours':>9}")
+    print(f"\n{'variant':<34}{'ms/step':>9}{'tok/s':>10}{'TFLOP/s':>9}{'peak GiB':>10}{'vs plain':>10}{'vs ours':>9}")
     for r in results:
         if "step_ms" not in r:
-            print(f"{r['variant']:<15} failed")
+            print(f"{r['variant']:<34} failed")
             continue
         rel = lambda k: f"{r['step_ms'] / base[k]['step_ms'] - 1:+.1%}" if k in base else "-"  # noqa: E731
-        print(f"{r['variant']:<15}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10.0f}{r['tflops']:>9.1f}"
+        print(f"{r['variant']:<34}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10.0f}{r['tflops']:>9.1f}"
               f"{r['peak_mem_gib']:>10.2f}{rel('plain'):>10}{rel('ours'):>9}")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "train_step.json"), "w") as f:

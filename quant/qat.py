@@ -103,7 +103,7 @@ class InputQuantizer(torch.nn.Module):
             self._ready = bool(self.initialized)
         if not self._ready:
             self._init_from_batch(x)
-        c_lo, c_hi = tp_grad_sync(self.clip).unbind()
+        c_lo, c_hi = tp_grad_sync(self.clip).float().unbind()   # bf16/fp16 engines cast params; fp32 math
         if self.record_stats:
             with torch.no_grad():
                 self.clip_fraction = ((x < c_lo) | (x > c_hi)).float().mean()
