@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# QAT / kurtosis recipe comparison on one GPU: the 125m GPT trained for STEPS steps under each
+# recipe from the same data and seed, then W16A16 and W4A4 (RTN 4-bit weights) WikiText-2 / C4
+# perplexity. Usage: bench/recipes.sh CORPUS_DIR [STEPS] [RECIPE...]; CORPUS_DIR holds
+# jsonl(.xz) training shards and valid.jsonl.xz. Results: runs/recipes/<recipe>/eval.json.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CORPUS=$1; STEPS=${2:-300}; shift $(( $# < 2 ? $# : 2 ))
+RECIPES=${*:-baseline qat qat-kurt-1e-4 qat-kurt-1e-3}
+D=runs/recipes/data
+mkdir -p $D
+train_shards=$(ls $CORPUS/*.jsonl* | grep -v valid)
+[ -f $D/tokenizer.model ] || python -m data_prep.train_tokenizer --input $train_shards --vocab-size 8192 \
+    --model-type bpe --output $D/tokenizer --max-sentences 400000 --threads 16
+[ -f $D/train.idx ] || python -m data_prep.tokenize --input $train_shards --tokenizer $D/tokenizer.model \
+    --output-prefix $D/train --workers 16 --append-eod
+[ -f $D/valid.idx ] || python -m data_prep.tokenize --input $CORPUS/valid.jsonl.xz --tokenizer $D/tokenizer.model \
+    --output-prefix $D/valid --workers 4 --append-eod
+for r in $RECIPES; do
+  case $r in
+    baseline)        q=false; k=false; lam=0 ;;
+    qat)             q=true;  k=false; lam=0 ;;
+    qat-kurt-*)      q=true;  k=true;  lam=${r#qat-kurt-} ;;
+    *) echo "unknown recipe $r"; exit 2 ;;
+  esac
+  out=runs/recipes/$r
+  python -m pretrain.train --config configs/125m.yaml --model.vocab_size 8192 --train.steps $STEPS \
+      --train.micro_batch_size 16 --train.global_batch_size 64 --optim.warmup_steps $((STEPS / 10)) \
+      --optim.lr 1.0e-3 --optim.min_lr 1.0e-4 --train.eval_interval 0 --train.log_interval 50 \
+      --checkpoint.interval 0 --checkpoint.resume none --train.out_dir $out \
+      --data.paths "[$D/train]" --data.valid_paths "[$D/valid]" --data.tokenizer $D/tokenizer.model \
+      --qat.enabled $q --kurtosis.enabled $k --kurtosis.lambda $lam 2>&1 | grep -E "step [0-9]+/|valid loss|Error|error" 
+  python -m quant.evaluate --checkpoint $out --configs W16A16 W4A4 --tasks --ppl-windows 64 \
+      --output $out/eval.json 2>&1 | grep -vE "^\[|warn" | tail -4
+done
