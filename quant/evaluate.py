@@ -73,7 +73,7 @@ def format_table(table: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from quant.lm_eval_adapter import TASKS
+    from quant.tasks import TASKS
     p = argparse.ArgumentParser(prog="python -m quant.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
     p.add_argument("--quantized", help="output dir of python -m quant.gptq (weights of its bit width)")
@@ -109,7 +109,6 @@ def main(argv=None) -> dict:
     from quant import gptq
     from quant.convert import convert
     from quant.corpora import perplexity_sets
-    from quant.lm_eval_adapter import GPTLM, run_tasks
     from quant.load import build_model, load_checkpoint
 
     init_distributed(ParallelConfig())
@@ -133,7 +132,8 @@ def main(argv=None) -> dict:
         log.info(f"{name}: weights {described[name]['weights']}; activations {described[name]['acts']}")
         scores[name] = {f"{corpus}_ppl": perplexity(model, w, args.batch_size, f"{name} {corpus}")
                         for corpus, w in sets.items()}
-        if args.tasks:
+        if args.tasks:   # lm-eval is needed only here (GPU images may lack it)
+            from quant.lm_eval_adapter import GPTLM, run_tasks
             lm = GPTLM(model, tokenizer, cfg.model.seq_length, args.batch_size)
             for task, metrics in run_tasks(lm, args.tasks, args.limit).items():
                 scores[name][f"{task}_acc"] = metrics["acc"]

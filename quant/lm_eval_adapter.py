@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 from lm_eval.api.model import LM
 
+from quant.tasks import TASKS
+
 log = logging.getLogger("quant")
 TASK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
-TASKS = ("lambada_openai", "piqa", "arc_easy")
 
 
 class GPTLM(LM):
