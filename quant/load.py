@@ -5,10 +5,10 @@ The tensors are consolidated from the DeepSpeed files alone, using meta.json's `
 parameters are concatenated along that dim in TP-rank order, everything else (replicated
 parameters, buffers) is taken from TP rank 0. No parallel model is built for this.
 
-Pipeline parallelism: DeepSpeed's pipeline engine writes one ``layer_XX-model_YY-model_states.pt``
-file per pipeline layer and TP rank instead of ``mp_rank_YY_model_states.pt``. Supporting it only
-takes a second reader, chosen in ``_tp_rank_states``, that returns each TP rank's state dict (the
-layers' keys mapped back to the GPT's parameter names); the TP merge is shared.
+Pipeline parallelism: DeepSpeed's pipeline engine writes one ``layer_II-model_XX-model_states.pt``
+file per pipeline layer II (0 embedding, 1..L blocks, L+1 head) and TP rank XX instead of
+``mp_rank_XX_model_states.pt``; their keys are mapped back to the GPT's parameter names
+(``model.pipeline.to_gpt_name``) and the TP merge is shared.
 """
 import os
 from typing import NamedTuple
@@ -58,11 +58,27 @@ def _read_tp_ranks(step_dir: str, meta: dict) -> list[dict]:
     return states
 
 
+def _read_pipeline_layers(step_dir: str, meta: dict) -> list[dict]:
+    """Pipeline size > 1: one file per pipeline layer and TP rank, keys relative to the layer."""
+    from model.pipeline import to_gpt_name
+
+    layers = meta["config"]["model"]["num_layers"]
+    states = [{} for _ in range(meta["tensor_parallel"])]
+    for index in range(layers + 2):
+        for rank, state in enumerate(states):
+            file = os.path.join(step_dir, f"layer_{index:02d}-model_{rank:02d}-model_states.pt")
+            if not os.path.isfile(file):
+                raise FileNotFoundError(f"{step_dir}: missing {os.path.basename(file)} (pipeline layer {index}, "
+                                        f"TP rank {rank})")
+            for key, tensor in torch.load(file, map_location="cpu", weights_only=True).items():
+                state[to_gpt_name(f"{index}.{key}", layers)] = tensor
+    return states
+
+
 def _tp_rank_states(step_dir: str, meta: dict) -> list[dict]:
     """Each TP rank's full-depth state dict, whatever the file layout."""
-    if meta.get("pipeline_parallel", 1) != 1:   # the place for the layer_XX-model_YY reader
-        raise NotImplementedError(f"consolidating pipeline-parallel checkpoints "
-                                  f"(pipeline_parallel={meta['pipeline_parallel']}) is not supported yet")
+    if meta.get("pipeline_parallel", 1) > 1:
+        return _read_pipeline_layers(step_dir, meta)
     return _read_tp_ranks(step_dir, meta)
 
 

@@ -23,7 +23,7 @@ RESIDUAL_WRITERS = ("proj", "fc2")
 class KurtosisConfig:
     """The `kurtosis:` section: penalize the per-token kurtosis of linear-layer outputs."""
     enabled: bool = False
-    lambda_: float = 1e-4            # strength (YAML/CLI key: `lambda`)
+    lambda_: float = 1e-3            # strength (YAML/CLI key: `lambda`); default measured in docs/benchmarks.md
     reduce: str = "mean"             # over tokens: mean | sum (sum makes lambda scale with the micro-batch)
     sites: str = "residual"          # residual: attention out-projection and MLP fc2 | all: every block linear
     eps: float = kernels.KURTOSIS_EPS  # kappa = m4 / (m2^2 + eps)

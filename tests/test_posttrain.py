@@ -14,22 +14,24 @@ TINY = {"model": {"vocab_size": 96, "seq_length": 16, "hidden_size": 32, "num_la
         "parallel": {"zero_stage": 1}, "qat": {"enabled": True}}
 
 
-def save_checkpoint(out_dir: str, tp: int):
-    """Train two DeepSpeed steps under TP=tp, save through pretrain.checkpoint; full state back."""
+def save_checkpoint(out_dir: str, tp: int, pp: int = 1):
+    """Train two DeepSpeed steps under TP=tp x PP=pp, save through pretrain.checkpoint; return this
+    rank's full-width (TP-gathered) parameters under the plain GPT's names."""
     from model.sharding import gather_state_dict
     from pretrain import checkpoint
     from pretrain.engine import build_engine
     from pretrain.trainer import Trainer
-    from tests.train_utils import build, global_samples, rank_micro_batches
+    from tests.train_utils import build, global_samples, gpt_names, rank_micro_batches
 
-    over = {**TINY, "parallel": {"zero_stage": 1, "tensor": tp}, "train": {**TINY["train"], "out_dir": out_dir}}
+    over = {**TINY, "parallel": {"zero_stage": 1, "tensor": tp, "pipeline": pp},
+            "train": {**TINY["train"], "out_dir": out_dir}}
     cfg, dims, model, quantizers, penalties = build(over)
     trainer = Trainer(cfg, build_engine(model, cfg, dims), quantizers, penalties)
     batches = rank_micro_batches(global_samples(cfg, 2 * cfg.train.global_batch_size), cfg.train.micro_batch_size)
     for _ in range(2):
         trainer.train_step(batches)
     checkpoint.save(trainer.engine, trainer, cfg, model)
-    return gather_state_dict(model)
+    return gpt_names(model, gather_state_dict(model))
 
 
 def test_consolidated_tp2_checkpoint_equals_full_model(tmp_path):
@@ -48,6 +50,19 @@ def test_consolidated_tp2_checkpoint_equals_full_model(tmp_path):
     os.remove(os.path.join(ckpt.path, "COMPLETE"))
     with pytest.raises(ValueError, match="incomplete"):
         load_checkpoint(ckpt.path)
+
+
+def test_consolidated_pp2_checkpoint_equals_full_model(tmp_path):
+    from quant.load import load_checkpoint
+
+    stages = run_distributed(save_checkpoint, 2, str(tmp_path), 1, 2)
+    full = {**stages[0], **stages[1]}
+    assert not set(stages[0]) & set(stages[1])             # each stage owns its layers
+    ckpt = load_checkpoint(str(tmp_path))
+    assert ckpt.meta["pipeline_parallel"] == 2 and set(ckpt.state) >= set(full)
+    for name, tensor in full.items():
+        assert torch.equal(ckpt.state[name], tensor), name
+    assert run_distributed(logits_of_checkpoint, 1, ckpt.path)[0].shape == (16, 1, 96)
 
 
 def logits_of_checkpoint(path):
