@@ -153,7 +153,7 @@ def _prune(root: str, keep: int) -> None:
 
 def check_compatible(saved: dict, cfg: Config, path: str, pipeline: dict | None = None) -> None:
     """Refuse to resume into a different model, parallel layout (incl. the pipeline stage split,
-    which the optimizer shards follow) or tokenizer; name each mismatch."""
+    which the optimizer shards follow), tokenizer or data order; name each mismatch."""
     problems = []
     old = config_from_dict(saved["config"])
     for f in dataclasses.fields(old.model):
@@ -171,6 +171,14 @@ def check_compatible(saved: dict, cfg: Config, path: str, pipeline: dict | None 
     if saved["tokenizer_sha256"] != tokenizer_identity(cfg):
         problems.append(f"tokenizer: checkpoint sha256 {saved['tokenizer_sha256']}, "
                         f"data.tokenizer {cfg.data.tokenizer!r} has {tokenizer_identity(cfg)}")
+    # The data order (megatron's shuffle) is a function of these: a change would repeat or skip samples.
+    for name, a, b in (("train.seed", old.train.seed, cfg.train.seed),
+                       ("train.steps x train.global_batch_size (samples the data order is built for)",
+                        old.train.steps * old.train.global_batch_size, cfg.train.steps * cfg.train.global_batch_size),
+                       ("data.paths", old.data.paths, cfg.data.paths), ("data.weights", old.data.weights, cfg.data.weights),
+                       ("data.split", old.data.split, cfg.data.split)):
+        if a != b:
+            problems.append(f"{name}: checkpoint {a!r}, config {b!r} (the training data order would change)")
     if old.qat.enabled != cfg.qat.enabled or old.qat.layers != cfg.qat.layers:
         problems.append(f"qat: checkpoint enabled={old.qat.enabled} layers={old.qat.layers}, "
                         f"config enabled={cfg.qat.enabled} layers={cfg.qat.layers}")

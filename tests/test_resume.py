@@ -47,6 +47,9 @@ def test_mismatched_config_or_tokenizer_is_refused(data, tmp_path):
     code, log = finish(single(train_args(data, str(tmp_path), "--model.hidden_size", "64")))
     assert code == 2 and "cannot resume from" in log and "model.hidden_size: checkpoint 32, config 64" in log, log
 
+    code, log = finish(single(train_args(data, str(tmp_path), "--train.steps", "99")))
+    assert code == 2 and "train.steps x train.global_batch_size" in log and "data order would change" in log, log
+
     code, log = finish(torchrun(2, train_args(data, str(tmp_path), "--parallel.tensor", "2")))
     assert code != 0 and "exitcode  : 2" in log and "tensor_parallel size: checkpoint 1, this run 2" in log, log
 
