@@ -5,7 +5,9 @@
 # config overrides for pretrain.train (e.g. --train.steps 50).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q -r requirements.txt
+# Install the pinned requirements only where they are missing (keeps a GPU machine's own CUDA torch).
+python -c "import deepspeed, megatron.core, sentencepiece, triton, lm_eval, safetensors, tensorboard" 2>/dev/null \
+    || python -m pip install -q -r requirements.txt
 DIR=${DEMO_DIR:-runs/demo}
 DEMO="data/demo/wikipedia.jsonl.xz data/demo/gutenberg.jsonl.xz"
 mkdir -p "$DIR/data"
