@@ -54,7 +54,6 @@ def is_logging_rank() -> bool:
 
 def train(cfg: Config, dims: ParallelDims) -> Trainer:
     t = cfg.train
-    check_tokenizer(cfg.data, cfg.model.vocab_size)
     torch.manual_seed(t.seed)                  # identical initial weights on every rank
     model = build_model(cfg, dims)
     quantizers, penalties = attach_qat(model, cfg.qat), attach_kurtosis(model, cfg.kurtosis)
@@ -141,6 +140,11 @@ def main(argv=None) -> int:
         validate(cfg, world_size_from_env())
     except (ConfigError, OSError) as e:
         print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:   # the data must exist and match the tokenizer and vocabulary before any work starts
+        check_tokenizer(cfg.data, cfg.model.vocab_size)
+    except (OSError, ValueError) as e:
+        print(f"data error: {e}", file=sys.stderr)
         return 2
     dims = init_distributed(cfg.parallel)
     if not is_logging_rank():
