@@ -11,6 +11,7 @@ from model.gpt import MLP, Block, build_gpt, lm_loss
 from model.pipeline import pipeline_layers
 from pretrain.config import Config
 from pretrain.parallel import ParallelDims, deepspeed_topology
+from quant.qat import checkpointed
 
 
 def checkpoint_activations(model: torch.nn.Module, mode: str) -> None:
@@ -23,8 +24,15 @@ def checkpoint_activations(model: torch.nn.Module, mode: str) -> None:
     kind = Block if mode == "full" else MLP
     for module in model.modules():
         if isinstance(module, kind):
-            module.forward = functools.partial(torch.utils.checkpoint.checkpoint, module.forward,
+            module.forward = functools.partial(torch.utils.checkpoint.checkpoint,
+                                               functools.partial(_run_checkpointed, module.forward),
                                                use_reentrant=False)
+
+
+def _run_checkpointed(forward, *args, **kwargs):
+    """The checkpointed forward, first pass and recompute alike, marked for the QAT quantizers."""
+    with checkpointed():
+        return forward(*args, **kwargs)
 
 
 def build_model(cfg: Config, dims: ParallelDims) -> torch.nn.Module:

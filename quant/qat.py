@@ -8,6 +8,7 @@ Memory: the quantizer keeps x for its own backward; the layer would keep its inp
 weight gradient. Keeping both costs an extra activation per linear, so the layer's saved copy of
 x_hat is replaced by a recipe and x_hat is recomputed from x in backward (one elementwise pass).
 """
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +41,22 @@ class QATConfig:
         bad = sorted(set(self.layers) - set(LINEAR_NAMES))
         if bad:
             raise ValueError(f"qat.layers: unknown linear {bad[0]!r}; choose from {', '.join(LINEAR_NAMES)}")
+
+
+_checkpoint_depth = 0
+
+
+@contextlib.contextmanager
+def checkpointed():
+    """Marks a forward run under activation checkpointing (the first pass and the recompute). The
+    checkpoint already drops every saved tensor and recomputes it, and saved-tensor hooks do not
+    nest, so inside it the quantizer saves the plain way instead of keeping x for a recompute."""
+    global _checkpoint_depth
+    _checkpoint_depth += 1
+    try:
+        yield
+    finally:
+        _checkpoint_depth -= 1
 
 
 def _storage_key(t: torch.Tensor):
@@ -108,6 +125,8 @@ class InputQuantizer(torch.nn.Module):
             with torch.no_grad():
                 self.clip_fraction = ((x < c_lo) | (x > c_hi)).float().mean()
         x_hat = kernels.fake_quant(x, c_lo, c_hi, self.bits)
+        if _checkpoint_depth:
+            return linear(x_hat)
         key = _storage_key(x_hat)
         recipe = _Recompute(x.detach(), c_lo.detach(), c_hi.detach(), self.bits)
 

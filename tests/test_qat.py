@@ -62,6 +62,30 @@ def test_qat_keeps_no_second_copy_of_linear_inputs():
     assert qat <= base * 1.001, (base, qat)
 
 
+def _inputs_pinned_after_forward(mode):
+    """How many QAT linear inputs the autograd graph keeps for recomputing x_hat after a forward
+    with activation checkpointing ``mode`` (each recipe pins one input's storage); and whether the
+    clip gradients still arrive."""
+    import gc
+
+    from pretrain.parallelize import checkpoint_activations
+    from quant.qat import _Recompute
+
+    cfg, _, model, quantizers, _ = build(QAT)
+    checkpoint_activations(model, mode)
+    batch = next(rank_micro_batches(global_samples(cfg, cfg.train.micro_batch_size), cfg.train.micro_batch_size))
+    loss = model(batch["tokens"], batch["labels"])
+    pinned = sum(isinstance(o, _Recompute) for o in gc.get_objects())
+    loss.backward()
+    return pinned, all(q.clip.grad is not None for q in quantizers)
+
+
+def test_checkpointing_leaves_quantized_inputs_to_the_checkpoint():
+    assert run_distributed(_inputs_pinned_after_forward, 1, "none")[0] == (8, True)   # 2 blocks x 4 linears
+    assert run_distributed(_inputs_pinned_after_forward, 1, "full")[0] == (0, True)
+    assert run_distributed(_inputs_pinned_after_forward, 1, "selective")[0] == (4, True)  # attention keeps its own
+
+
 @pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
 def test_tensor_parallel_with_qat_and_kurtosis_matches_single_process(sp):
     base = {"model": {"dropout": 0.0}, **QAT_KURT}
