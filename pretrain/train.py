@@ -93,8 +93,7 @@ def train(cfg: Config, dims: ParallelDims) -> Trainer:
         trainer.record_layer_stats(stats_step)
         trainer.train_step(batches)
         if stats_step or trainer.step == t.steps:
-            values = trainer.interval_metrics()
-            stats = trainer.layer_stats()
+            values, stats = trainer.interval_metrics()
             if logger:
                 logger.interval(trainer.step, values)
                 logger.scalars(trainer.step, stats)

@@ -107,8 +107,9 @@ class Trainer:
         self.engine.train()
         return dp_mean(torch.stack(losses).mean()).item()
 
-    def interval_metrics(self) -> dict:
-        """Metrics since the last call (collective over DP/TP: every rank calls)."""
+    def interval_metrics(self) -> tuple[dict, dict]:
+        """(metrics since the last call for the log line, per-layer QAT clips / clipped fraction /
+        output kurtosis for TensorBoard). Collective over DP/TP: every rank calls."""
         loss = dp_mean(self._loss_sum.to(self.engine.device).float() / max(1, self._loss_count)).item()
         self._loss_sum.zero_()
         self._loss_count = 0
@@ -118,25 +119,19 @@ class Trainer:
             values["train/grad_norm"] = float(grad_norm)
         if self.cfg.train.fp16:
             values["train/loss_scale"] = loss_scale(self.engine)
-        if self.penalties:
-            means = [p.last_mean() for p in self.penalties]
-            values["kurtosis/penalty"] = float(sum(p.last_penalty() for p in self.penalties))
-            values["kurtosis/mean"] = float(torch.stack(means).mean())
-        return values
-
-    def layer_stats(self) -> dict:
-        """Per-layer QAT clip values, clipped fraction and output kurtosis, for TensorBoard."""
-        stats = {}
+        layers = {}
         for i, q in enumerate(self.quantizers):
-            c_lo, c_hi = q.clip.detach().float().tolist()
-            stats[f"qat/{i:03d}/c_lo"], stats[f"qat/{i:03d}/c_hi"] = c_lo, c_hi
+            layers[f"qat/{i:03d}/c_lo"], layers[f"qat/{i:03d}/c_hi"] = q.clip.detach().float().tolist()
             if q.clip_fraction is not None:
-                stats[f"qat/{i:03d}/clipped"] = float(q.clip_fraction)
-        for i, p in enumerate(self.penalties):
-            mean = p.last_mean()
-            if mean is not None:
-                stats[f"kurtosis/{i:03d}"] = float(mean)
-        return stats
+                layers[f"qat/{i:03d}/clipped"] = float(q.clip_fraction)
+        means = [(p, p.last_mean()) for p in self.penalties]   # one TP all-reduce per site at most
+        means = [(p, m) for p, m in means if m is not None]
+        for i, (_, m) in enumerate(means):
+            layers[f"kurtosis/{i:03d}"] = float(m)
+        if means:
+            values["kurtosis/penalty"] = float(sum(p.penalty(m) for p, m in means))
+            values["kurtosis/mean"] = float(torch.stack([m for _, m in means]).mean())
+        return values, layers
 
     def record_layer_stats(self, on: bool) -> None:
         for q in self.quantizers:

@@ -87,9 +87,9 @@ class KurtosisPenalty(torch.nn.Module):
             dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
         return total / self.tokens
 
-    def last_penalty(self) -> torch.Tensor | None:
-        mean = self.last_mean()
-        return None if mean is None else self.lam * (mean * self.tokens if self.reduce == "sum" else mean)
+    def penalty(self, mean: torch.Tensor) -> torch.Tensor:
+        """The penalty term that a mean kurtosis (from :meth:`last_mean`) stands for."""
+        return self.lam * (mean * self.tokens if self.reduce == "sum" else mean)
 
 
 def attach_kurtosis(model: torch.nn.Module, cfg: KurtosisConfig) -> list[KurtosisPenalty]:

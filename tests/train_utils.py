@@ -96,7 +96,7 @@ def run(overrides: dict, full_state: dict, steps: int) -> dict:
     losses, norms = [], []
     for _ in range(steps):
         trainer.train_step(batches)
-        metrics = trainer.interval_metrics()
+        metrics, _ = trainer.interval_metrics()
         losses.append(metrics["train/loss"])
         norms.append(metrics["train/grad_norm"])
     return {"grads": grads, "losses": losses, "grad_norms": norms, "final": gpt_names(model, gather_state_dict(model))}
