@@ -100,7 +100,7 @@ def test_static_clip_is_the_qat_forward():
     c_lo, c_hi = torch.tensor(-1.75), torch.tensor(2.25)
     for bits in (4, 8):
         assert torch.equal(fake_quant_static_clip(x, c_lo, c_hi, bits),
-                           fake_quant_forward(x, c_lo, c_hi, bits, impl="torch"))
+                           fake_quant_forward(x, torch.stack([c_lo, c_hi]), bits, impl="torch"))
     with pytest.raises(ValueError, match="c_lo < c_hi"):
         fake_quant_static_clip(x, c_hi, c_lo, 4)
 

@@ -24,8 +24,8 @@ def _ulp(dtype):
     return torch.finfo(dtype).eps
 
 
-def _clips(lo=-1.73, hi=2.41):  # no rounding ties for bf16 x; ties are tested on their own
-    return (torch.tensor(lo, requires_grad=True), torch.tensor(hi, requires_grad=True))
+def _clip(lo=-1.73, hi=2.41, dtype=torch.float32):  # no rounding ties for bf16 x; ties are tested on their own
+    return torch.tensor([lo, hi], dtype=dtype, requires_grad=True)
 
 
 def _straddling(shape, dtype, seed):
@@ -38,17 +38,17 @@ def _straddling(shape, dtype, seed):
 # fake_quant: float64 references
 # ---------------------------------------------------------------------------------------------
 
-def _fake_quant64(x, c_lo, c_hi, bits):
-    x, c_lo, c_hi = x.double(), c_lo.detach().double(), c_hi.detach().double()
+def _fake_quant64(x, clip, bits):
+    x, (c_lo, c_hi) = x.double(), clip.detach().double()
     s = (2 ** bits - 1) / (c_hi - c_lo)
     z = (torch.clamp(x, c_lo, c_hi) - c_lo) * s
     return torch.round(z) / s + c_lo
 
 
-def _surrogate_clip_grads64(x, g, c_lo, c_hi, bits, h=1e-6):
+def _surrogate_clip_grads64(x, g, clip, bits, h=1e-6):
     """Float64 central differences of sum(g * (clamp(x, c_lo, c_hi) + r / s)), r frozen."""
     x, g = x.double(), g.double()
-    lo0, hi0 = c_lo.detach().double(), c_hi.detach().double()
+    lo0, hi0 = clip.detach().double()
     n = 2 ** bits - 1
     z0 = (torch.clamp(x, lo0, hi0) - lo0) * n / (hi0 - lo0)
     r = torch.round(z0) - z0
@@ -58,7 +58,7 @@ def _surrogate_clip_grads64(x, g, c_lo, c_hi, bits, h=1e-6):
 
     d_lo = (loss(lo0 + h, hi0) - loss(lo0 - h, hi0)) / (2 * h)
     d_hi = (loss(lo0, hi0 + h) - loss(lo0, hi0 - h)) / (2 * h)
-    return d_lo, d_hi
+    return torch.stack([d_lo, d_hi])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,9 +69,9 @@ def _surrogate_clip_grads64(x, g, c_lo, c_hi, bits, h=1e-6):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_fake_quant_forward_matches_reference_and_float64(shape, dtype):
     x = _straddling(shape, dtype, seed=1)
-    c_lo, c_hi = _clips()
-    ref64 = _fake_quant64(x, c_lo, c_hi, BITS)
-    outs = {impl: fake_quant_forward(x, c_lo, c_hi, BITS, impl=impl) for impl in IMPLS}
+    clip = _clip()
+    ref64 = _fake_quant64(x, clip, BITS)
+    outs = {impl: fake_quant_forward(x, clip, BITS, impl=impl) for impl in IMPLS}
     for impl, out in outs.items():
         assert out.dtype == dtype and out.shape == x.shape, impl
         torch.testing.assert_close(out.double(), ref64, rtol=_ulp(dtype), atol=1e-6,
@@ -82,12 +82,34 @@ def test_fake_quant_forward_matches_reference_and_float64(shape, dtype):
 
 
 def test_fake_quant_rounds_half_to_even():
-    c_lo, c_hi = _clips(0.0, 15.0)  # s = 1, so z = x and ties sit on exact half-integers
+    clip = _clip(0.0, 15.0)  # s = 1, so z = x and ties sit on exact half-integers
     x = torch.arange(0.5, 15.0, 1.0)
     for impl in IMPLS:
-        out = fake_quant_forward(x, c_lo, c_hi, BITS, impl=impl)
+        out = fake_quant_forward(x, clip, BITS, impl=impl)
         torch.testing.assert_close(out.double(), torch.round(x.double()), rtol=0, atol=0,
                                    msg=_tagged(impl))
+
+
+def _check_backward(x, g, clip_dtype=torch.float32):
+    """Both implementations against the float64 surrogate: dx exactly g inside the clips, clip
+    gradients to fp32 accumulation (or the clip dtype's rounding); returns the gradients."""
+    lo, hi = _clip(dtype=clip_dtype).tolist()   # as the clip dtype holds them
+    xf = x.double()
+    inside = (xf > torch.tensor(lo).double()) & (xf < torch.tensor(hi).double())
+    assert inside.any() and (~inside).any()
+    ref = _surrogate_clip_grads64(x, g, _clip(lo, hi, torch.float64), BITS)
+    tol = 1e-5 * g.double().abs().sum().item() + torch.finfo(clip_dtype).eps * ref.abs().max().item()
+    grads = {}
+    for impl in IMPLS:
+        clip = _clip(lo, hi, clip_dtype)
+        xr = x.clone().requires_grad_()
+        fake_quant(xr, clip, BITS, impl=impl).backward(g)
+        grads[impl] = (xr.grad, clip.grad)
+        assert xr.grad.dtype == x.dtype and clip.grad.dtype == clip_dtype
+        torch.testing.assert_close(xr.grad, torch.where(inside, g, 0).to(x.dtype), rtol=0, atol=0)
+        assert (clip.grad.double() - ref).abs().max() <= tol, (impl, clip.grad, ref)
+    torch.testing.assert_close(grads["triton"][1], grads["torch"][1], rtol=1e-5, atol=tol)
+    return grads
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -95,35 +117,57 @@ def test_fake_quant_rounds_half_to_even():
 def test_fake_quant_backward_matches_surrogate_float64(shape, dtype):
     x = _straddling(shape, dtype, seed=2)
     g = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(dtype)
-    xf, lo, hi = x.double(), -1.73, 2.41
-    inside = (xf > torch.tensor(lo).double()) & (xf < torch.tensor(hi).double())
-    assert inside.any() and (~inside).any()
-    ref_lo, ref_hi = _surrogate_clip_grads64(x, g, *_clips(lo, hi), BITS)
-    tol = 1e-5 * g.double().abs().sum().item()  # fp32 accumulation over the whole tensor
-    grads = {}
+    _check_backward(x, g)
+
+
+def test_fake_quant_takes_clips_in_the_engines_dtype():
+    """bf16 engines hand the quantizer bf16 clips: math in fp32, clip gradients back in bf16.
+    (fp32 inputs: bf16 ones would sit exactly on the bf16 clips, where the surrogate has a kink.)"""
+    x = _straddling((37, 129), torch.float32, seed=6)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(x.dtype)
+    _check_backward(x, g, clip_dtype=torch.bfloat16)
+
+
+def test_fake_quant_reads_strided_rows_in_place():
+    """The attention output [b, s, heads, d] seen as [s, b, heads * d]: no copy going in, x_hat
+    contiguous, dx back in the input's own layout."""
+    gen = torch.Generator().manual_seed(8)
+    o = (torch.randn(3, 7, 4, 33, generator=gen) * 2).to(torch.bfloat16)   # [b, s, nh, hd]
+    x = o.permute(1, 0, 2, 3).flatten(2)                                    # [s, b, h], a view
+    assert not x.is_contiguous() and x.data_ptr() == o.data_ptr()
+    g = torch.randn(x.shape, generator=gen).to(x.dtype)
+    ref = fake_quant_forward(x.contiguous(), _clip(), BITS, impl="torch")
     for impl in IMPLS:
-        c_lo, c_hi = _clips(lo, hi)
-        xr = x.clone().requires_grad_()
-        fake_quant(xr, c_lo, c_hi, BITS, impl=impl).backward(g)
-        grads[impl] = (xr.grad, c_lo.grad, c_hi.grad)
-        assert xr.grad.dtype == dtype and c_lo.grad.dtype == torch.float32
-        torch.testing.assert_close(xr.grad, torch.where(inside, g, 0).to(dtype), rtol=0, atol=0)
-        assert abs(c_lo.grad.item() - ref_lo.item()) <= tol, (impl, c_lo.grad, ref_lo)
-        assert abs(c_hi.grad.item() - ref_hi.item()) <= tol, (impl, c_hi.grad, ref_hi)
-    for a, b in zip(grads["triton"], grads["torch"]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=tol)
+        out = fake_quant_forward(x, _clip(), BITS, impl=impl)
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, ref, rtol=_ulp(x.dtype), atol=0, msg=_tagged(impl))
+    grads = _check_backward(x, g)
+    for impl in IMPLS:
+        assert grads[impl][0].stride() == x.stride(), impl
+
+
+def test_fake_quant_counts_clipped_inputs():
+    x = _straddling((5, 301), torch.float32, seed=9)
+    clip = _clip()
+    expected = ((x < clip[0]) | (x > clip[1])).sum()
+    for impl in IMPLS:
+        clipped = torch.zeros((), dtype=torch.int64)
+        fake_quant(x, clip, BITS, impl=impl, clipped=clipped)
+        fake_quant_forward(x[:2], clip, BITS, impl=impl, clipped=clipped)
+        assert clipped == expected + ((x[:2] < clip[0]) | (x[:2] > clip[1])).sum(), impl
 
 
 def test_fake_quant_backward_many_programs():
-    """Hundreds of partial sums and a ragged last block, at a small block size."""
-    x = _straddling((5, 4001), torch.bfloat16, seed=13)
+    """Hundreds of partial sums over several tiles per program and a ragged last tile."""
+    x = _straddling((4001, 5), torch.bfloat16, seed=13)   # 5 channels: 512 rows per tile
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(14)).to(x.dtype)
-    c_lo, c_hi = _clips()
-    ref_dx, ref_lo, ref_hi = fake_quant_backward(x, g, c_lo, c_hi, BITS, impl="torch")
-    dx, dc_lo, dc_hi = _backward_triton(x, g, c_lo, c_hi, BITS, block=64)
-    assert torch.equal(dx, ref_dx)
-    tol = 1e-5 * g.double().abs().sum().item()
-    assert abs(dc_lo.item() - ref_lo.item()) <= tol and abs(dc_hi.item() - ref_hi.item()) <= tol
+    clip = _clip()
+    ref_dx, ref_dclip = fake_quant_backward(x, g, clip, BITS, impl="torch")
+    for tiles in (1, 3):
+        dx, dclip = _backward_triton(x, g, clip.detach(), BITS, tiles=tiles)
+        assert torch.equal(dx, ref_dx)
+        tol = 1e-5 * g.double().abs().sum().item()
+        assert (dclip - ref_dclip).abs().max() <= tol
 
 
 def test_sum_partials_loops_over_many_partials():
@@ -137,30 +181,40 @@ def test_sum_partials_loops_over_many_partials():
 def test_fake_quant_backward_bitwise_repeatable():
     x = _straddling((3, 12000), torch.bfloat16, seed=4)  # several programs and partial sums
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(x.dtype)
-    c_lo, c_hi = _clips()
-    first = fake_quant_backward(x, g, c_lo, c_hi, BITS, impl="triton")
-    second = fake_quant_backward(x, g, c_lo, c_hi, BITS, impl="triton")
+    clip = _clip()
+    first = fake_quant_backward(x, g, clip, BITS, impl="triton")
+    second = fake_quant_backward(x, g, clip, BITS, impl="triton")
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    assert torch.equal(fake_quant_forward(x, c_lo, c_hi, BITS, impl="triton"),
-                       fake_quant_forward(x, c_lo, c_hi, BITS, impl="triton"))
+    assert torch.equal(fake_quant_forward(x, clip, BITS, impl="triton"),
+                       fake_quant_forward(x, clip, BITS, impl="triton"))
+
+
+def test_fake_quant_inverted_clips_give_nan():
+    """No host sync to check c_lo < c_hi: inverted clips poison the output instead."""
+    x = torch.randn(4, 8)
+    for impl in IMPLS:
+        for lo, hi in ((1.0, -1.0), (0.5, 0.5)):
+            assert fake_quant_forward(x, _clip(lo, hi), BITS, impl=impl).isnan().all(), impl
 
 
 def test_fake_quant_rejects_bad_input():
     x = torch.randn(4, 8)
-    c_lo, c_hi = _clips()
+    clip = _clip()
     with pytest.raises(TypeError, match="bf16/fp16/fp32"):
-        fake_quant(x.double(), c_lo, c_hi, BITS)
-    with pytest.raises(TypeError, match="c_lo must be a 0-dim fp32"):
-        fake_quant(x, c_lo.double(), c_hi, BITS)
-    with pytest.raises(TypeError, match="c_hi must be a 0-dim fp32"):
-        fake_quant(x, c_lo, torch.tensor([2.0]), BITS)
+        fake_quant(x.double(), clip, BITS)
+    with pytest.raises(ValueError, match="channel"):
+        fake_quant(x[0, 0], clip, BITS)
+    with pytest.raises(TypeError, match="shape \\(2,\\)"):
+        fake_quant(x, clip[0], BITS)
+    with pytest.raises(TypeError, match="clip must be a float"):
+        fake_quant(x, clip.double(), BITS)
     for bits in (0, 17, 4.0):
         with pytest.raises(ValueError, match="bits must be an int"):
-            fake_quant(x, c_lo, c_hi, bits)
-    with pytest.raises(ValueError, match="c_lo < c_hi"):
-        fake_quant(x, c_hi.detach().clone(), c_lo.detach().clone(), BITS)
+            fake_quant(x, clip, bits)
     with pytest.raises(ValueError, match="impl must be one of"):
-        fake_quant(x, c_lo, c_hi, BITS, impl="cuda")
+        fake_quant(x, clip, BITS, impl="cuda")
     with pytest.raises(ValueError, match="gradient shape"):
-        fake_quant_backward(x, x[:2], c_lo, c_hi, BITS)
+        fake_quant_backward(x, x[:2], clip, BITS)
+    with pytest.raises(TypeError, match="clipped"):
+        fake_quant(x, clip, BITS, clipped=torch.zeros(()))
