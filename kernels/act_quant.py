@@ -1,0 +1,243 @@
+"""The MLP activation fused with the fake quantizer of fc2's input (DESIGN.md, "QAT of linear-layer
+inputs").
+
+Unfused, the widest activation of the model (4x hidden) costs seven extra memory passes: the
+activation writes h, the quantizer reads h and writes x_hat, and backward reads h again, writes
+dh, and the activation's backward reads dh. Fused, forward reads the fc1 output a and writes only
+x_hat (fc2 keeps x_hat for its weight gradient; a is saved, as the activation's own backward would
+keep it); backward reads a and the gradient of x_hat, recomputes h in fp32 exactly as forward did,
+and writes da: the memory traffic of the plain activation. h is never stored, nor rounded to a's
+dtype before it is quantized.
+
+kind "gelu":   h = GELU with the tanh approximation (torch's approximate="tanh"), h the shape of a.
+kind "swiglu": a = [..., 2F] of interleaved (gate, up) pairs, h = silu(gate) * up of shape [..., F].
+Both are h = y(x) * up with y(x) = x * sigmoid(t(x)) and up = 1 for GELU: t = x for SiLU, and
+0.5 * x * (1 + tanh(u)) = x * sigmoid(2u) for GELU. The sigmoid form needs no tanh (libdevice
+has no interpreter fallback) and, from one exp(-|t|), gives sigmoid(t) and 1 - sigmoid(t) without
+overflow or cancellation (torch's 1 + tanh(u) cancels for negative u).
+
+The quantizer math is kernels.fake_quant's (load_clip / quantize / quantize_grad and their
+PyTorch twins); clip gradients are summed per program, then in a fixed order: no atomics.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .fake_quant import (add_clipped, check_clipped, check_quant_args, clip_grad_from_partials,
+                         clipped_torch, is_clipped, load_clip, quantize, quantize_grad,
+                         quantize_grad_torch, quantize_torch, resolve_impl)
+
+KINDS = ("gelu", "swiglu")
+_K_BETA = tl.constexpr(0.7978845608028654)   # sqrt(2 / pi): torch's tanh-GELU constants
+_K_KAPPA = tl.constexpr(0.044715)
+# Launch settings measured on one H200 (bf16; GELU on 16384 x 8192, SwiGLU on 16384 x 16384):
+# forward 4096 elements of h per program on 4 warps; backward 8 tiles of 1024 per program, on 4
+# warps for GELU and 8 for SwiGLU (whose tiles read twice the input), 16 bytes of a per thread.
+_FWD_BLOCK, _FWD_WARPS = 4096, 4
+_BWD_BLOCK, _BWD_TILES = 1024, 8
+_BWD_WARPS = {False: 4, True: 8}   # by swiglu
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch reference (fp32 math; what CPU training runs)
+# ---------------------------------------------------------------------------------------------
+
+def _split_torch(a, swiglu):
+    """(x, up) in fp32: the input of y and SwiGLU's multiplier (1 for GELU)."""
+    a = a.float()
+    return a.unflatten(-1, (-1, 2)).unbind(-1) if swiglu else (a, 1.0)
+
+
+def _gated_torch(x, swiglu, grad=False):
+    """y = x * sigmoid(t(x)), and dy/dx if grad."""
+    beta, kappa = _K_BETA.value, _K_KAPPA.value
+    t = x if swiglu else 2.0 * (beta * (x + kappa * (x * x * x)))
+    e = torch.exp(-t.abs())
+    p = 1.0 / (1.0 + e)
+    pos = t >= 0
+    sig = torch.where(pos, p, e * p)
+    if not grad:
+        return x * sig
+    sig_c = torch.where(pos, e * p, p)   # 1 - sig, without cancellation
+    dt = 1.0 if swiglu else 2.0 * (beta * (1.0 + 3.0 * kappa * (x * x)))
+    return x * sig, sig + x * sig * sig_c * dt
+
+
+def _activation_torch(a, swiglu):
+    """h = act(a) in fp32, before quantization."""
+    x, up = _split_torch(a, swiglu)
+    return _gated_torch(x, swiglu) * up
+
+
+def _forward_torch(a, clip, bits, swiglu, clipped=None):
+    h = _activation_torch(a, swiglu)
+    if clipped is not None:
+        clipped += clipped_torch(h, clip)
+    return quantize_torch(h, clip, bits).to(a.dtype)
+
+
+def _backward_torch(a, g, clip, bits, swiglu):
+    x, up = _split_torch(a, swiglu)
+    y, dy = _gated_torch(x, swiglu, grad=True)
+    dh, dclip = quantize_grad_torch(y * up, g.float(), clip, bits)
+    da = torch.stack([dh * up * dy, dh * y], -1).flatten(-2) if swiglu else dh * dy
+    return da.to(a.dtype), dclip.to(clip.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: programs over the flat index of h; h[i] reads a[i] (GELU) or the pair a[2i], a[2i + 1]
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _pairs(start, n, BLOCK: tl.constexpr):
+    """Offsets and mask of the 2 * BLOCK elements of a behind h[start : start + BLOCK]: one
+    contiguous range, so that loads and stores are 16 bytes wide; reshaped to (gate, up) pairs."""
+    offs = 2 * start + tl.arange(0, 2 * BLOCK)
+    return offs, offs < 2 * n
+
+
+@triton.jit
+def _load_input(a_ptr, start, n, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+    """(x, up) in fp32 for h[start : start + BLOCK]; masked-off lanes read 0."""
+    if SWIGLU:
+        offs, mask = _pairs(start, n, BLOCK)
+        pairs = tl.reshape(tl.load(a_ptr + offs, mask=mask, other=0.0), [BLOCK, 2])
+        x, up = tl.split(pairs.to(tl.float32))
+    else:
+        offs = start + tl.arange(0, BLOCK)
+        x = tl.load(a_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        up = 1.0
+    return x, up
+
+
+@triton.jit
+def _gated(x, SWIGLU: tl.constexpr):
+    """(y, dy/dx) for y = x * sigmoid(t(x)); forward's unused dy is compiled away."""
+    if SWIGLU:
+        t = x
+        dt = 1.0
+    else:
+        t = 2.0 * (_K_BETA * (x + _K_KAPPA * (x * x * x)))
+        dt = 2.0 * (_K_BETA * (1.0 + 3.0 * _K_KAPPA * (x * x)))
+    e = tl.exp(-tl.abs(t))
+    p = 1.0 / (1.0 + e)
+    sig = tl.where(t >= 0, p, e * p)
+    sig_c = tl.where(t >= 0, e * p, p)   # 1 - sig, without cancellation
+    return x * sig, sig + x * sig * sig_c * dt
+
+
+@triton.jit
+def _fwd_kernel(a_ptr, clip_ptr, out_ptr, count_ptr, n, n_steps, SWIGLU: tl.constexpr,
+                COUNT: tl.constexpr, BLOCK: tl.constexpr):
+    c_lo, c_hi, s, step = load_clip(clip_ptr, n_steps)
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    mask = offs < n
+    x, up = _load_input(a_ptr, start, n, SWIGLU, BLOCK)
+    y, _ = _gated(x, SWIGLU)
+    h = y * up
+    tl.store(out_ptr + offs, quantize(h, c_lo, c_hi, s, step).to(out_ptr.dtype.element_ty), mask=mask)
+    if COUNT:
+        tl.store(count_ptr + tl.program_id(0), tl.sum((is_clipped(h, c_lo, c_hi) & mask).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _bwd_kernel(a_ptr, g_ptr, clip_ptr, da_ptr, partial_ptr, n, n_steps, SWIGLU: tl.constexpr,
+                TILES: tl.constexpr, BLOCK: tl.constexpr):
+    """da for TILES tiles of h, and the program's partial sums of dc_lo, dc_hi at partial_ptr[0, pid]
+    and [1, pid] (shares summed in registers: one cross-warp reduction per program and sum)."""
+    c_lo, c_hi, s, _ = load_clip(clip_ptr, n_steps)
+    inv_n = tl.math.div_rn(1.0, n_steps)
+    acc_lo = tl.zeros([BLOCK], dtype=tl.float32)
+    acc_hi = tl.zeros([BLOCK], dtype=tl.float32)
+    for t in range(TILES):
+        start = (tl.program_id(0).to(tl.int64) * TILES + t) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < n
+        x, up = _load_input(a_ptr, start, n, SWIGLU, BLOCK)
+        y, dy = _gated(x, SWIGLU)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        dh, to_lo, to_hi = quantize_grad(y * up, g, c_lo, c_hi, s, inv_n)
+        dx = dh * up * dy
+        if SWIGLU:
+            pair_offs, pair_mask = _pairs(start, n, BLOCK)
+            da = tl.reshape(tl.join(dx, dh * y), [2 * BLOCK])
+            tl.store(da_ptr + pair_offs, da.to(da_ptr.dtype.element_ty), mask=pair_mask)
+        else:
+            tl.store(da_ptr + offs, dx.to(da_ptr.dtype.element_ty), mask=mask)
+        acc_lo += to_lo
+        acc_hi += to_hi
+    pid = tl.program_id(0)
+    tl.store(partial_ptr + pid, tl.sum(acc_lo, axis=0))
+    tl.store(partial_ptr + tl.num_programs(0) + pid, tl.sum(acc_hi, axis=0))
+
+
+def _out_shape(a, swiglu):
+    return (*a.shape[:-1], a.shape[-1] // 2) if swiglu else a.shape
+
+
+def _forward_triton(a, clip, bits, swiglu, clipped=None, block=_FWD_BLOCK, num_warps=_FWD_WARPS):
+    """a contiguous. Launch settings are arguments only so that the benchmark can tune them."""
+    out = torch.empty(_out_shape(a, swiglu), dtype=a.dtype, device=a.device)
+    n = out.numel()
+    grid = (triton.cdiv(n, block),)
+    counts = torch.empty(grid[0], dtype=torch.int32, device=a.device) if clipped is not None else out
+    _fwd_kernel[grid](a, clip, out, counts, n, float(2 ** bits - 1), SWIGLU=swiglu,
+                      COUNT=clipped is not None, BLOCK=block, num_warps=num_warps)
+    if clipped is not None:
+        add_clipped(clipped, counts)
+    return out
+
+
+def _backward_triton(a, g, clip, bits, swiglu, block=_BWD_BLOCK, tiles=_BWD_TILES, num_warps=None):
+    """a contiguous; g the gradient of x_hat. Launch settings as in _forward_triton."""
+    g = g.contiguous()
+    da = torch.empty_like(a)
+    n = g.numel()
+    grid = (triton.cdiv(n, block * tiles),)
+    partials = torch.empty(2, grid[0], dtype=torch.float32, device=a.device)
+    _bwd_kernel[grid](a, g, clip, da, partials, n, float(2 ** bits - 1), SWIGLU=swiglu, TILES=tiles,
+                      BLOCK=block, num_warps=num_warps or _BWD_WARPS[swiglu])
+    return da, clip_grad_from_partials(partials, clip.dtype)
+
+
+_FORWARD = {"torch": _forward_torch, "triton": _forward_triton}
+_BACKWARD = {"torch": _backward_torch, "triton": _backward_triton}
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+class _ActFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, clip, swiglu, bits, impl, clipped):
+        ctx.save_for_backward(a, clip)
+        ctx.swiglu, ctx.bits, ctx.impl = swiglu, bits, impl
+        return _FORWARD[impl](a, clip, bits, swiglu, clipped)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, clip = ctx.saved_tensors
+        da, dclip = _BACKWARD[ctx.impl](a, g, clip, ctx.bits, ctx.swiglu)
+        return da, dclip, None, None, None, None
+
+
+def act_fake_quant(a, kind, clip, bits, impl=None, clipped=None):
+    """x_hat = fake_quant(act(a)) on the learned clip range clip = (c_lo, c_hi), differentiable in
+    a and clip; saves only a and clip for backward.
+
+    a: fc1's output [..., K] in bf16/fp16/fp32 (made contiguous). kind "gelu" (tanh approximation):
+    x_hat is [..., K]; kind "swiglu": K = 2F of interleaved (gate, up) pairs, x_hat is [..., F] =
+    fake_quant(silu(gate) * up). clip: float tensor of shape (2,); its gradient comes back in its
+    dtype, da in a's. clipped: optional 0-dim int64 counter that gets the number of h elements
+    outside the clips added. impl: None (Triton on CUDA, torch otherwise), "triton" or "torch".
+    """
+    check_quant_args("act_fake_quant", a, clip, bits)
+    check_clipped(clipped, a)
+    if kind not in KINDS:
+        raise ValueError(f"act_fake_quant: kind must be one of {KINDS}, got {kind!r}")
+    swiglu = kind == "swiglu"
+    if swiglu and a.shape[-1] % 2:
+        raise ValueError(f"act_fake_quant: swiglu needs an even last dim of (gate, up) pairs, got {a.shape[-1]}")
+    return _ActFakeQuant.apply(a.contiguous(), clip, swiglu, bits, resolve_impl(impl, a), clipped)
