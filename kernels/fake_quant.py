@@ -55,8 +55,8 @@ def check_quant_args(name: str, x, clip, bits) -> None:
     if x.dim() == 0:
         raise ValueError(f"{name}: input needs a channel (last) dim, got a 0-dim tensor")
     if (not isinstance(clip, torch.Tensor) or clip.dtype not in _FLOAT_DTYPES
-            or tuple(clip.shape) != (2,)):
-        raise TypeError(f"{name}: clip must be a float tensor of shape (2,) holding (c_lo, c_hi), got "
+            or tuple(clip.shape) != (2,) or clip.stride(0) != 1):
+        raise TypeError(f"{name}: clip must be a float tensor of shape (2,) and stride 1 holding (c_lo, c_hi), got "
                         f"{getattr(clip, 'dtype', type(clip))} of shape {tuple(getattr(clip, 'shape', ()))}")
     if clip.device != x.device:
         raise ValueError(f"{name}: clip is on {clip.device} but the input is on {x.device}")

@@ -209,6 +209,8 @@ def test_fake_quant_rejects_bad_input():
         fake_quant(x, clip[0], BITS)
     with pytest.raises(TypeError, match="clip must be a float"):
         fake_quant(x, clip.double(), BITS)
+    with pytest.raises(TypeError, match="clip must be a float"):
+        fake_quant(x, torch.tensor([-1.0, 0.0, 1.0])[::2], BITS)
     for bits in (0, 17, 4.0):
         with pytest.raises(ValueError, match="bits must be an int"):
             fake_quant(x, clip, bits)
