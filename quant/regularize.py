@@ -1,12 +1,14 @@
 """Kurtosis regularization of linear-layer outputs.
 
-Each selected linear gets a :class:`KurtosisPenalty` in its ``output_stat`` slot. It computes the
-per-token kurtosis of the output (``kernels.token_kurtosis``; moments combined over the TP group
-when the output is split by channels), reduces it over tokens, and attaches ``lambda x`` that to the
-output so that its gradient enters backward right there. Attaching instead of returning the term
-keeps the model's forward signature unchanged and works the same under pipeline parallelism,
-where earlier stages never see the loss. The trainer sets the gradient scale the engine applies to
-the main loss (loss scale / gradient accumulation steps) with :func:`set_grad_scale`.
+Each selected linear gets a :class:`KurtosisPenalty` in its ``output_stat`` slot. It returns the
+output unchanged and adds ``d(lambda x reduce_t(kappa_t))/dy`` to the output's gradient in backward
+(moments combined over the TP group when the output is split by channels), so the penalty's
+gradient enters backward right there without a loss term: the model's forward signature is
+unchanged and it works the same under pipeline parallelism, where earlier stages never see the
+loss. Per site and step that is one moments kernel in forward and one kernel in backward that reads
+y and the incoming gradient and writes their sum (``kernels.kurtosis.token_kurtosis_grad``). The
+trainer sets the gradient scale the engine applies to the main loss (loss scale / gradient
+accumulation steps) with :func:`set_grad_scale`; it is read in backward.
 """
 from dataclasses import dataclass
 
@@ -15,6 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 import kernels
+from kernels.kurtosis import token_kurtosis_grad, token_kurtosis_stats
 
 RESIDUAL_WRITERS = ("proj", "fc2")
 
@@ -46,16 +49,25 @@ def set_grad_scale(scale: float) -> None:
     _grad_scale = float(scale)
 
 
-class _AttachLoss(torch.autograd.Function):
-    """Returns y; in backward, also feeds d(loss) = the engine's grad scale into ``loss``."""
+class _Penalize(torch.autograd.Function):
+    """Returns y; backward returns the incoming gradient plus the penalty's, from one kernel.
+    Saved: y and five fp32 numbers per token."""
 
     @staticmethod
-    def forward(ctx, y, loss):
+    def forward(ctx, y, penalty):
+        kappa, stats = token_kurtosis_stats(y, eps=penalty.eps, group=penalty.channel_group())
+        tokens = kappa.numel() * (parallel_state.get_tensor_model_parallel_world_size()
+                                  if penalty.split_tokens else 1)
+        penalty.kurtosis_sum = kappa.sum() if penalty.record_stats else None
+        penalty.tokens = tokens
+        ctx.save_for_backward(y, stats)
+        ctx.lam_per_kappa = penalty.lam / tokens if penalty.reduce == "mean" else penalty.lam
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, g):
-        return g, torch.full((), _grad_scale, device=g.device, dtype=torch.float32)
+        y, stats = ctx.saved_tensors
+        return token_kurtosis_grad(y, stats, ctx.lam_per_kappa * _grad_scale, grad_out=g), None
 
 
 class KurtosisPenalty(torch.nn.Module):
@@ -65,22 +77,24 @@ class KurtosisPenalty(torch.nn.Module):
         super().__init__()
         self.lam, self.reduce, self.eps = cfg.lambda_, cfg.reduce, cfg.eps
         self.split_channels, self.split_tokens = split_channels, split_tokens
-        self.kurtosis_sum = None             # detached sum of kappa over this rank's tokens, for logging
+        self.record_stats = False            # set by the trainer on log steps
+        self.kurtosis_sum = None             # detached sum of kappa over this rank's tokens, when recorded
         self.tokens = 0
 
+    def channel_group(self):
+        """The TP group when this output holds a slice of the channels."""
+        return parallel_state.get_tensor_model_parallel_group() if self.split_channels else None
+
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        group = parallel_state.get_tensor_model_parallel_group() if self.split_channels else None
-        kappa = kernels.token_kurtosis(y, eps=self.eps, group=group)
-        total = kappa.sum()
-        tokens = kappa.numel() * (parallel_state.get_tensor_model_parallel_world_size() if self.split_tokens else 1)
-        penalty = self.lam * (total / tokens if self.reduce == "mean" else total)
-        self.kurtosis_sum, self.tokens = total.detach(), tokens
-        return _AttachLoss.apply(y, penalty)
+        if not ((torch.is_grad_enabled() and y.requires_grad) or self.record_stats):
+            return y                         # evaluation: nothing to penalize or log
+        return _Penalize.apply(y, self)
 
     def last_mean(self) -> torch.Tensor | None:
         """Mean kurtosis over this layer's tokens in the last forward (over the TP group when the
-        tokens are split); a collective when they are, so call it on every TP rank."""
-        if self.kurtosis_sum is None:
+        tokens are split), or None unless record_stats is on; a collective when the tokens are
+        split, so call it on every TP rank."""
+        if not self.record_stats or self.kurtosis_sum is None:
             return None
         total = self.kurtosis_sum.clone()
         if self.split_tokens:

@@ -1,8 +1,10 @@
-"""token_kurtosis (Triton under the interpreter on CPU) vs its PyTorch reference vs float64."""
+"""token_kurtosis and the regularizer's entry points (Triton under the interpreter on CPU) vs the
+PyTorch reference vs float64; KurtosisPenalty's gradient and logging."""
 import pytest
 import torch
 
 from kernels import KURTOSIS_EPS, token_kurtosis
+from kernels.kurtosis import token_kurtosis_grad, token_kurtosis_stats
 
 IMPLS = ["torch", "triton"]
 
@@ -36,8 +38,9 @@ def _activations(shape, dtype, seed, mean):
 
 
 def _assert_grad_close(dy, ref64, rtol):
-    """Max error relative to the largest gradient (elementwise relative error is ill-posed at 0)."""
-    err = (dy.double() - ref64).abs().max() / ref64.abs().max()
+    """Max error relative to the largest gradient (elementwise relative error is ill-posed at 0);
+    an all-zero reference must be matched exactly."""
+    err = (dy.double() - ref64).abs().max() / ref64.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
     assert err <= rtol, f"gradient max rel error {err:.3g} > {rtol:.3g}"
 
 
@@ -122,3 +125,149 @@ def test_kurtosis_rejects_bad_input():
         token_kurtosis(torch.randn(4, 8), eps=0.0)
     with pytest.raises(ValueError, match="impl must be one of"):
         token_kurtosis(torch.randn(4, 8), impl="numpy")
+
+
+# ---------------------------------------------------------------------------------------------
+# token_kurtosis_stats / token_kurtosis_grad: the regularizer's no-autograd entry points
+# ---------------------------------------------------------------------------------------------
+
+def _grad_out(shape, dtype, layout, seed):
+    """An incoming gradient of y's shape: contiguous, rows padded (row stride > width: no copy
+    needed), or every other column (column stride 2: copied)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = shape[-1]
+    if layout == "contiguous":
+        return torch.randn(shape, generator=gen).to(dtype)
+    wide = torch.randn(shape[:-1] + (2 * n,), generator=gen).to(dtype)
+    return wide[..., :n] if layout == "padded_rows" else wide[..., ::2]
+
+
+def _grad64(y, g_kappa, grad_out):
+    """d(sum_t g_kappa_t kappa_t)/dy + grad_out from float64 autograd of the definition."""
+    y64 = y.double().requires_grad_()
+    g64 = g_kappa.double() if isinstance(g_kappa, torch.Tensor) else g_kappa
+    (kurtosis64(y64) * g64).sum().backward()
+    return y64.grad + (0 if grad_out is None else grad_out.double())
+
+
+@pytest.mark.parametrize("dtype,mean", KURTOSIS_CASES)
+@pytest.mark.parametrize("shape", [(37, 129), (3, 5, 200), (2, 8200), (4, 1)])
+@pytest.mark.parametrize("g_kind", ["float", "per_token"])
+@pytest.mark.parametrize("layout", [None, "contiguous", "padded_rows", "strided_cols"])
+def test_kurtosis_grad_plus_grad_out_matches_float64(shape, dtype, mean, g_kind, layout):
+    y = _activations(shape, dtype, seed=13, mean=mean)
+    # dL/dkappa scaled so the kurtosis term peaks at 4, as large as grad_out: both are tested
+    g_kappa = 4.0 / max(_grad64(y, 1.0, None).abs().max().item(), 1e-6)
+    if g_kind == "per_token":
+        g_kappa = torch.randn(shape[:-1], generator=torch.Generator().manual_seed(14)) * g_kappa
+    grad_out = None if layout is None else _grad_out(shape, dtype, layout, seed=15)
+    ref = _grad64(y, g_kappa, grad_out)
+    if grad_out is not None and shape[-1] > 1:
+        assert (ref - grad_out.double()).abs().max() > 0.1 * ref.abs().max()
+    results = {}
+    for impl in IMPLS:
+        kappa, stats = token_kurtosis_stats(y, impl=impl)
+        assert kappa.dtype == torch.float32 and kappa.shape == shape[:-1] and not kappa.requires_grad
+        torch.testing.assert_close(kappa.double(), kurtosis64(y.double()), rtol=1e-5, atol=1e-6,
+                                   msg=_tagged(impl))
+        dy = token_kurtosis_grad(y, stats, g_kappa, grad_out=grad_out, impl=impl)
+        assert dy.dtype == dtype and dy.shape == shape and torch.isfinite(dy).all()
+        _assert_grad_close(dy, ref, rtol=2 * _ulp(dtype) + 1e-5)
+        results[impl] = dy
+    _assert_grad_close(results["triton"], results["torch"].double(), 2 * _ulp(dtype) + 1e-5)
+
+
+def test_kurtosis_grad_float_equals_constant_per_token_tensor():
+    y = _activations((9, 300), torch.bfloat16, seed=16, mean=4.0)
+    grad_out = _grad_out((9, 300), torch.bfloat16, "contiguous", seed=17)
+    for impl in IMPLS:
+        _, stats = token_kurtosis_stats(y, impl=impl)
+        a = token_kurtosis_grad(y, stats, 0.37, grad_out=grad_out, impl=impl)
+        b = token_kurtosis_grad(y, stats, torch.full((9,), 0.37), grad_out=grad_out, impl=impl)
+        assert torch.equal(a, b), impl
+
+
+def test_kurtosis_grad_bitwise_repeatable():
+    y = _activations((9, 300), torch.bfloat16, seed=18, mean=4.0)
+    grad_out = _grad_out((9, 300), torch.bfloat16, "strided_cols", seed=19)
+    runs = []
+    for _ in range(2):
+        kappa, stats = token_kurtosis_stats(y, impl="triton")
+        runs.append((kappa, token_kurtosis_grad(y, stats, 2.5, grad_out=grad_out, impl="triton")))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_kurtosis_grad_rejects_bad_input():
+    y = torch.randn(4, 8)
+    _, stats = token_kurtosis_stats(y)
+    with pytest.raises(ValueError, match="stats must be fp32 of shape"):
+        token_kurtosis_grad(y, stats[:3], 1.0)
+    with pytest.raises(ValueError, match="g_kappa must be a float or of shape"):
+        token_kurtosis_grad(y, stats, torch.ones(8))
+    with pytest.raises(ValueError, match="grad_out must have y's shape"):
+        token_kurtosis_grad(y, stats, 1.0, grad_out=torch.ones(4, 9))
+
+
+# ---------------------------------------------------------------------------------------------
+# KurtosisPenalty: one autograd node per site
+# ---------------------------------------------------------------------------------------------
+
+def _penalty(reduce, lam=0.3):
+    from quant.regularize import KurtosisConfig, KurtosisPenalty
+
+    return KurtosisPenalty(KurtosisConfig(enabled=True, lambda_=lam, reduce=reduce),
+                           split_channels=False, split_tokens=False)
+
+
+@pytest.mark.parametrize("dtype,mean", KURTOSIS_CASES)
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_penalty_adds_its_gradient_to_the_incoming_one(reduce, dtype, mean, monkeypatch):
+    """y's gradient is g + lambda * grad_scale * d(reduce_t kappa_t)/dy, with the grad scale read
+    in backward (the trainer may set it after the forward)."""
+    from quant import regularize
+
+    monkeypatch.setattr(regularize, "_grad_scale", 1.0)   # restored after the test
+    shape, lam, scale = (3, 5, 200), 0.3, 0.25
+    y = _activations(shape, dtype, seed=20, mean=mean)
+    g = _grad_out(shape, dtype, "contiguous", seed=21) * 0.03   # as large as the penalty's part
+    penalty = _penalty(reduce, lam)
+    yr = y.clone().requires_grad_()
+    out = penalty(yr)
+    assert torch.equal(out, yr) and out.data_ptr() == yr.data_ptr()
+    regularize.set_grad_scale(scale)
+    out.backward(g)
+    ref = _grad64(y, lam * scale / (15 if reduce == "mean" else 1), g)
+    _assert_grad_close(yr.grad, ref, rtol=2 * _ulp(dtype) + 1e-5)
+    assert min((ref - g.double()).abs().max(), g.abs().max()) > 0.05 * ref.abs().max()  # both tested
+    assert penalty.tokens == 15
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum"])
+def test_penalty_records_kurtosis_only_when_asked(reduce):
+    y = _activations((3, 5, 200), torch.float32, seed=22, mean=2.0).requires_grad_()
+    penalty = _penalty(reduce)
+    penalty(y).sum().backward()
+    assert penalty.kurtosis_sum is None and penalty.last_mean() is None
+    penalty.record_stats = True
+    penalty(y).sum().backward()
+    mean64 = kurtosis64(y.detach().double()).mean()
+    torch.testing.assert_close(penalty.last_mean().double(), mean64, rtol=1e-5, atol=0)
+    expected = 0.3 * (mean64 * 15 if reduce == "sum" else mean64)
+    torch.testing.assert_close(penalty.penalty(penalty.last_mean()).double(), expected, rtol=1e-5,
+                               atol=0)
+    penalty.record_stats = False
+    penalty(y)
+    assert penalty.last_mean() is None
+
+
+def test_penalty_saves_only_y_and_per_token_stats():
+    """Nothing activation-sized besides y is kept for backward; without grad it does nothing."""
+    y = torch.randn(6, 7, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        _penalty("mean")(y)
+    assert {t.untyped_storage().data_ptr() for t in saved if t.numel() == y.numel()} == \
+        {y.untyped_storage().data_ptr()}
+    assert sum(t.numel() for t in saved if t.numel() != y.numel()) <= 42 * 5
+    with torch.no_grad():
+        assert _penalty("mean")(y) is y

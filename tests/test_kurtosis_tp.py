@@ -1,4 +1,5 @@
-"""token_kurtosis with channels split over 2 real gloo ranks vs the single-process float64 result.
+"""token_kurtosis and KurtosisPenalty with channels (or, under sequence parallelism, tokens) split
+over 2 real gloo ranks vs the single-process float64 result.
 
 Inputs have mean 1e3 and std 1 (outlier-channel-like), where raw power sums break down in fp32.
 """
@@ -6,12 +7,14 @@ import torch
 import torch.distributed as dist
 
 from kernels import token_kurtosis
+from kernels.kurtosis import token_kurtosis_grad, token_kurtosis_stats
 from tests.dist_utils import run_distributed
-from tests.test_kernels import _assert_grad_close, kurtosis64
+from tests.test_kurtosis import _assert_grad_close, _grad64, kurtosis64
 
 SPLITS = {"equal": (150, 150), "unequal": (137, 163)}
 IMPLS = ("torch", "triton")
 RTOL = 1e-5
+G_SCALAR = 0.5
 
 
 def _inputs():
@@ -32,7 +35,10 @@ def _tp_worker(y, g):
             y_local = y[:, start:start + splits[rank]].clone().requires_grad_()
             kappa = token_kurtosis(y_local, group=dist.group.WORLD, impl=impl)
             kappa.backward(g)  # the loss is replicated over ranks and counted once
-            out[name, impl] = (kappa.detach(), y_local.grad)
+            # the regularizer's entry points: a scalar dL/dkappa, added to an incoming gradient
+            kappa_stats, stats = token_kurtosis_stats(y_local.detach(), group=dist.group.WORLD, impl=impl)
+            fused = token_kurtosis_grad(y_local.detach(), stats, G_SCALAR, grad_out=y_local.grad, impl=impl)
+            out[name, impl] = (kappa.detach(), y_local.grad, kappa_stats, fused)
     return out
 
 
@@ -55,7 +61,8 @@ def test_tensor_parallel_kurtosis_matches_single_process_float64():
     assert naive_err > 100 * RTOL
 
     ranks = run_distributed(_tp_worker, 2, y, g)
-    for (name, impl), (kappa0, _) in ranks[0].items():
+    fused64 = y64.grad + _grad64(y, G_SCALAR, None)
+    for (name, impl), (kappa0, _, kappa_stats0, _) in ranks[0].items():
         kappa1 = ranks[1][name, impl][0]
         assert torch.equal(kappa0, kappa1), (name, impl)
         torch.testing.assert_close(kappa0.double(), kappa64.detach(), rtol=RTOL, atol=0)
@@ -64,3 +71,50 @@ def test_tensor_parallel_kurtosis_matches_single_process_float64():
         single = y.clone().requires_grad_()
         token_kurtosis(single, impl=impl).backward(g)
         _assert_grad_close(grad, single.grad.double(), rtol=RTOL)
+        assert torch.equal(kappa_stats0, kappa0) and torch.equal(ranks[1][name, impl][2], kappa0)
+        fused = torch.cat([ranks[0][name, impl][3], ranks[1][name, impl][3]], dim=-1)
+        _assert_grad_close(fused, fused64, rtol=RTOL)
+
+
+LAM, GRAD_SCALE = 0.3, 0.5
+
+
+def _penalty_worker(y, g):
+    """On each rank, per layout and reduce: the gradient KurtosisPenalty passes to this rank's part
+    of y and the logged mean kurtosis. column: the channels are split (column-parallel output);
+    sequence: the tokens are (row-parallel output under sequence parallelism)."""
+    from megatron.core import parallel_state
+
+    from quant.regularize import KurtosisConfig, KurtosisPenalty, set_grad_scale
+
+    dist.init_process_group("gloo")
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    rank, out = dist.get_rank(), {}
+    set_grad_scale(GRAD_SCALE)
+    for layout, dim in (("column", 1), ("sequence", 0)):
+        part = y.shape[dim] // 2
+        y_local, g_local = (t.narrow(dim, rank * part, part).clone() for t in (y, g))
+        for reduce in ("mean", "sum"):
+            penalty = KurtosisPenalty(KurtosisConfig(enabled=True, lambda_=LAM, reduce=reduce),
+                                      split_channels=layout == "column", split_tokens=layout == "sequence")
+            penalty.record_stats = True
+            yr = y_local.clone().requires_grad_()
+            penalty(yr).backward(g_local)
+            out[layout, reduce] = (yr.grad, penalty.last_mean(), penalty.tokens)
+    return out
+
+
+def test_tensor_parallel_penalty_matches_single_process_float64():
+    y, _ = _inputs()
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)) * 0.01  # ~ the penalty's part
+    ranks = run_distributed(_penalty_worker, 2, y, g)
+    mean64 = kurtosis64(y.double()).mean()
+    for reduce in ("mean", "sum"):
+        ref = _grad64(y, LAM * GRAD_SCALE / (24 if reduce == "mean" else 1), g)
+        assert (ref - g.double()).abs().max() > 0.1 * ref.abs().max()
+        for layout, dim in (("column", 1), ("sequence", 0)):
+            grad = torch.cat([ranks[r][layout, reduce][0] for r in range(2)], dim=dim)
+            _assert_grad_close(grad, ref, rtol=RTOL)
+            for r in range(2):
+                torch.testing.assert_close(ranks[r][layout, reduce][1].double(), mean64, rtol=RTOL, atol=0)
+                assert ranks[r][layout, reduce][2] == 24
