@@ -1,0 +1,360 @@
+"""LayerNorm / RMSNorm fused with the fake quantizer of the next linear's input (qkv, fc1).
+
+Unfused, QAT costs a norm output y written and read again, x_hat written, and in backward x_hat
+recomputed and a separate quantizer backward: seven extra passes over an activation-sized tensor.
+Fused, the forward reads x and writes only x_hat (which the linear keeps for its weight gradient);
+the backward reads x and dL/dx_hat, recomputes y bit for bit as the forward did, and does the
+quantizer backward (kernels.fake_quant.quantize_grad) and the norm backward in the same pass.
+
+Per row of N channels, all in fp32:
+    layernorm: mean = mean(x), rstd = 1 / sqrt(mean((x - mean)^2) + eps), xnorm = (x - mean) * rstd
+    rmsnorm:   rstd = 1 / sqrt(mean(x^2) + eps),                          xnorm = x * rstd
+    y = xnorm * w (+ b),   x_hat = quantize(y)     (y is never stored, nor rounded to x's dtype)
+Backward, with dy the straight-through gradient of y and dxhat = dy * w:
+    dx = rstd * (dxhat - mean(dxhat) - xnorm * mean(dxhat * xnorm))   (rmsnorm: no mean(dxhat))
+    dw = sum_rows dy * xnorm,   db = sum_rows dy,   dclip = sum of the quantizer's clip shares.
+The forward keeps x, the parameters and per-row fp32 mean (layernorm) and rstd: nothing else of x's
+size. Column sums are per-program fp32 partials summed in a fixed order afterwards: deterministic,
+no atomics. Kernels are compiled without FMA contraction, so y and z round exactly as the PyTorch
+reference rounds them and the forward and backward agree on every element's clip decision.
+"""
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .fake_quant import (add_clipped, check_clipped, check_quant_args, clipped_torch, is_clipped,
+                         load_clip, quantize, quantize_grad, quantize_grad_torch, quantize_torch,
+                         resolve_impl)
+
+KINDS = ("layernorm", "rmsnorm")
+MAX_N = 16384  # whole rows live in registers (measured up to 8192; wider ones spill)
+
+# Launch settings, measured on one H200 with .scratch/norm/bench.py (bf16, 16384 rows of 1024,
+# 2048 and 8192). Forward: tiles of 4096 elements, 32 per thread (2048: 2 rows on 4 warps). Backward:
+# one row per step for rows of 1024 and more, 16 elements per thread (2048: 4 warps), and as many
+# programs as are resident at once: the kernel takes up to 128 registers per thread, an SM has 64K,
+# so 16 // num_warps programs per SM (more would only grow the partial sums).
+_FWD_TILE, _FWD_PER_THREAD = 4096, 32
+_BWD_TILE, _BWD_PER_THREAD = 1024, 16
+_RESIDENT_WARPS_PER_SM = 16    # 64K registers / (128 per thread * 32 threads per warp)
+_SUM_TILE = 8192               # second stage: partials summed per program and step
+
+
+# ---------------------------------------------------------------------------------------------
+# PyTorch reference (what CPU training runs): the same fp32 operations as the kernels
+# ---------------------------------------------------------------------------------------------
+
+def _stats_torch(v, eps, center):
+    """Per-row (mean or None, rstd) of fp32 rows v."""
+    mean = v.mean(-1) if center else None
+    d = v - mean[:, None] if center else v
+    return mean, 1.0 / torch.sqrt((d * d).mean(-1) + eps)
+
+
+def _affine_torch(v, mean, rstd, weight, bias):
+    """(xnorm, y) of fp32 rows v from their stats."""
+    xnorm = (v - mean[:, None] if mean is not None else v) * rstd[:, None]
+    y = xnorm * weight.float()
+    return xnorm, (y + bias.float() if bias is not None else y)
+
+
+def _forward_torch(x2d, weight, bias, clip, eps, center, bits, clipped):
+    v = x2d.float()
+    mean, rstd = _stats_torch(v, eps, center)
+    _, y = _affine_torch(v, mean, rstd, weight, bias)
+    if clipped is not None:
+        clipped += clipped_torch(y, clip)
+    return quantize_torch(y, clip, bits).to(x2d.dtype), mean, rstd
+
+
+def _backward_torch(x2d, g, weight, bias, clip, mean, rstd, bits):
+    xnorm, y = _affine_torch(x2d.float(), mean, rstd, weight, bias)
+    dy, dclip = quantize_grad_torch(y, g.float(), clip, bits)
+    dxhat = dy * weight.float()
+    inner = dxhat - xnorm * (dxhat * xnorm).mean(-1, keepdim=True)
+    if mean is not None:
+        inner = inner - dxhat.mean(-1, keepdim=True)
+    dx = (rstd[:, None] * inner).to(x2d.dtype)
+    db = dy.sum(0).to(bias.dtype) if bias is not None else None
+    return dx, (dy * xnorm).sum(0).to(weight.dtype), db, dclip.to(clip.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: each program holds ROWS whole rows as one [ROWS, BLOCK_N] tile
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_params(w_ptr, b_ptr, cols, col_ok, HAS_BIAS: tl.constexpr):
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    else:
+        b = w  # unused
+    return w, b
+
+
+@triton.jit
+def _affine(x, mean, rstd, w, b, CENTER: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """(xnorm, y) of a tile: one helper for both kernels, so backward's y is forward's."""
+    if CENTER:
+        x = x - mean[:, None]
+    xnorm = x * rstd[:, None]
+    y = xnorm * w[None, :]
+    if HAS_BIAS:
+        y = y + b[None, :]
+    return xnorm, y
+
+
+@triton.jit
+def _add4(a1, a2, a3, a4, b1, b2, b3, b4):
+    return a1 + b1, a2 + b2, a3 + b3, a4 + b4
+
+
+@triton.jit
+def _fwd_kernel(x_ptr, w_ptr, b_ptr, clip_ptr, out_ptr, mean_ptr, rstd_ptr, count_ptr,
+                n_rows, n_cols, n_cols_f, eps, n_steps, CENTER: tl.constexpr,
+                HAS_BIAS: tl.constexpr, COUNT: tl.constexpr, ROWS: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """x_hat of ROWS rows, and their mean (CENTER) and rstd; COUNT: the number of clipped y
+    at count_ptr[pid]. n_cols_f is n_cols as a float (an int arg of 1 would be a constexpr)."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = rows[:, None] * n_cols + cols[None, :]
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if CENTER:
+        mean = tl.math.div_rn(tl.sum(x, axis=1), n_cols_f)
+        tl.store(mean_ptr + rows, mean, mask=row_ok)
+        d = tl.where(mask, x - mean[:, None], 0.0)
+    else:
+        mean = tl.zeros([ROWS], dtype=tl.float32)  # unused
+        d = x
+    var = tl.math.div_rn(tl.sum(d * d, axis=1), n_cols_f)
+    rstd = tl.math.div_rn(1.0, tl.sqrt_rn(var + eps))
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+    w, b = _load_params(w_ptr, b_ptr, cols, col_ok, HAS_BIAS)
+    _, y = _affine(x, mean, rstd, w, b, CENTER, HAS_BIAS)
+    c_lo, c_hi, s, step = load_clip(clip_ptr, n_steps)
+    tl.store(out_ptr + offs, quantize(y, c_lo, c_hi, s, step).to(out_ptr.dtype.element_ty), mask=mask)
+    if COUNT:
+        clipped = (is_clipped(y, c_lo, c_hi) & mask).to(tl.int32)
+        tl.store(count_ptr + tl.program_id(0), tl.sum(tl.sum(clipped, axis=1), axis=0))
+
+
+@triton.jit
+def _load_rows(x_ptr, g_ptr, start, end, tile, col_ok, n_cols, ROWS: tl.constexpr):
+    """x and g of rows [start, start + ROWS) below end, as stored (g = 0 off them: no clip shares)."""
+    mask = (start + tl.arange(0, ROWS) < end)[:, None] & col_ok[None, :]
+    base = start * n_cols
+    return (tl.load(x_ptr + base + tile, mask=mask, other=0.0),
+            tl.load(g_ptr + base + tile, mask=mask, other=0.0))
+
+
+@triton.jit
+def _bwd_kernel(x_ptr, g_ptr, w_ptr, b_ptr, clip_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr,
+                n_rows, n_cols, n_cols_f, width, rows_per_program, n_steps, CENTER: tl.constexpr,
+                HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dx of rows_per_program rows, ROWS at a time. Row pid of the (programs, width) fp32 partials
+    gets the program's sums: dw in [0, N), db in [N, 2N) (HAS_BIAS), dc_lo and dc_hi in the last
+    two columns; sums over rows stay in registers until the program ends.
+
+    The loop waits on memory, not arithmetic, so the next rows' x and g are loaded before the
+    current ones are worked on, and w and b are re-read each step (from cache) instead of held:
+    the registers this frees let more programs share an SM (both measured faster on H200)."""
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < n_cols
+    tile = tl.arange(0, ROWS)[:, None] * n_cols + cols[None, :]
+    c_lo, c_hi, s, _ = load_clip(clip_ptr, n_steps)
+    inv_n = tl.math.div_rn(1.0, n_steps)
+    acc_dw = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    acc_db = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
+    acc_lo = tl.zeros([ROWS], dtype=tl.float32)
+    acc_hi = tl.zeros([ROWS], dtype=tl.float32)
+    start = pid.to(tl.int64) * rows_per_program
+    end = tl.minimum(start + rows_per_program, n_rows)
+    x_next, g_next = _load_rows(x_ptr, g_ptr, start, end, tile, col_ok, n_cols, ROWS)
+    while start < end:  # not range(): the interpreter cannot iterate to a runtime bound
+        rows = start + tl.arange(0, ROWS)
+        row_ok = rows < end
+        x = x_next.to(tl.float32)
+        g = g_next.to(tl.float32)
+        x_next, g_next = _load_rows(x_ptr, g_ptr, start + ROWS, end, tile, col_ok, n_cols, ROWS)
+        w, b = _load_params(w_ptr, b_ptr, cols, col_ok, HAS_BIAS)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        if CENTER:
+            mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+        else:
+            mean = rstd  # unused
+        xnorm, y = _affine(x, mean, rstd, w, b, CENTER, HAS_BIAS)
+        dy, to_lo, to_hi = quantize_grad(y, g, c_lo, c_hi, s, inv_n)
+        acc_dw += dy * xnorm
+        if HAS_BIAS:
+            acc_db += dy
+        dxhat = dy * w[None, :]
+        # one joint reduction: a single exchange between warps instead of four
+        sum_dxhat, sum_dxhat_xnorm, sum_lo, sum_hi = tl.reduce((dxhat, dxhat * xnorm, to_lo, to_hi), 1, _add4)
+        inner = dxhat - xnorm * tl.math.div_rn(sum_dxhat_xnorm, n_cols_f)[:, None]
+        if CENTER:
+            inner = inner - tl.math.div_rn(sum_dxhat, n_cols_f)[:, None]
+        tl.store(dx_ptr + start * n_cols + tile, (rstd[:, None] * inner).to(dx_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+        acc_lo += sum_lo
+        acc_hi += sum_hi
+        start += ROWS
+    part = part_ptr + pid * width
+    tl.store(part + cols, tl.sum(acc_dw, axis=0), mask=col_ok)
+    if HAS_BIAS:
+        tl.store(part + n_cols + cols, tl.sum(acc_db, axis=0), mask=col_ok)
+    tl.store(part + width - 2, tl.sum(acc_lo, axis=0))
+    tl.store(part + width - 1, tl.sum(acc_hi, axis=0))
+
+
+@triton.jit
+def _column_sums_kernel(part_ptr, dw_ptr, db_ptr, dclip_ptr, n_partials, n_cols, width,
+                        HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Second stage: the partials' column sums in a fixed order (bitwise repeatable), each stored
+    in its gradient's dtype: one launch for dw, db and dclip."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    col_ok = cols < width
+    acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    start = 0
+    while start < n_partials:
+        rows = start + tl.arange(0, ROWS)
+        mask = (rows < n_partials)[:, None] & col_ok[None, :]
+        acc += tl.load(part_ptr + rows[:, None] * width + cols[None, :], mask=mask, other=0.0)
+        start += ROWS
+    total = tl.sum(acc, axis=0)
+    tl.store(dw_ptr + cols, total.to(dw_ptr.dtype.element_ty), mask=cols < n_cols)
+    if HAS_BIAS:
+        tl.store(db_ptr + cols - n_cols, total.to(db_ptr.dtype.element_ty),
+                 mask=(cols >= n_cols) & (cols < 2 * n_cols))
+    tl.store(dclip_ptr + cols - (width - 2), total.to(dclip_ptr.dtype.element_ty),
+             mask=(cols >= width - 2) & col_ok)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _tile(n_cols, tile, per_thread, rows, num_warps):
+    """ROWS, BLOCK_N and num_warps (4 to 16) for a tile of about `tile` elements, `per_thread` per
+    thread; explicit rows / num_warps override (the benchmark's sweep)."""
+    block = triton.next_power_of_2(n_cols)
+    rows = rows or max(1, tile // block)
+    num_warps = num_warps or min(16, max(4, rows * block // (32 * per_thread)))
+    return dict(ROWS=rows, BLOCK_N=block, num_warps=num_warps)
+
+
+def _forward_triton(x2d, weight, bias, clip, eps, center, bits, clipped, rows=None, num_warps=None):
+    n_rows, n_cols = x2d.shape
+    cfg = _tile(n_cols, _FWD_TILE, _FWD_PER_THREAD, rows, num_warps)
+    grid = (triton.cdiv(n_rows, cfg["ROWS"]),)
+    out = torch.empty_like(x2d)
+    rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
+    mean = torch.empty_like(rstd) if center else None
+    counts = torch.empty(grid[0], dtype=torch.int32, device=x2d.device) if clipped is not None else None
+    _fwd_kernel[grid](x2d, weight, bias if bias is not None else weight, clip, out,
+                      mean if center else rstd, rstd, counts if counts is not None else rstd,
+                      n_rows, n_cols, float(n_cols), eps, float(2 ** bits - 1), CENTER=center,
+                      HAS_BIAS=bias is not None, COUNT=clipped is not None, enable_fp_fusion=False,
+                      **cfg)
+    if clipped is not None:
+        add_clipped(clipped, counts)
+    return out, mean, rstd
+
+
+def _backward_triton(x2d, g, weight, bias, clip, mean, rstd, bits, rows=None, num_warps=None,
+                     rows_per_program=None):
+    """rows_per_program defaults to what makes one wave of resident programs."""
+    n_rows, n_cols = x2d.shape
+    cfg = _tile(n_cols, _BWD_TILE, _BWD_PER_THREAD, rows, num_warps)
+    if rows_per_program is None:
+        programs = max(1, _RESIDENT_WARPS_PER_SM // cfg["num_warps"]) * _sm_count(x2d.device)
+        rows_per_program = cfg["ROWS"] * max(1, triton.cdiv(n_rows, cfg["ROWS"] * programs))
+    n_programs = max(1, triton.cdiv(n_rows, rows_per_program))
+    width = (2 if bias is not None else 1) * n_cols + 2
+    dx = torch.empty_like(x2d)
+    part = torch.empty(n_programs, width, dtype=torch.float32, device=x2d.device)
+    _bwd_kernel[(n_programs,)](x2d, g, weight, bias if bias is not None else weight, clip,
+                               mean if mean is not None else rstd, rstd, dx, part, n_rows, n_cols,
+                               float(n_cols), width, rows_per_program, float(2 ** bits - 1),
+                               CENTER=mean is not None, HAS_BIAS=bias is not None,
+                               enable_fp_fusion=False, **cfg)
+    dw = torch.empty_like(weight)
+    db = torch.empty_like(bias) if bias is not None else None
+    dclip = torch.empty_like(clip)
+    rows2 = min(triton.next_power_of_2(n_programs), _SUM_TILE // 32)
+    block = _SUM_TILE // rows2
+    _column_sums_kernel[(triton.cdiv(width, block),)](
+        part, dw, db if db is not None else dw, dclip, n_programs, n_cols, width,
+        HAS_BIAS=bias is not None, ROWS=rows2, BLOCK=block, num_warps=8)
+    return dx, dw, db, dclip
+
+
+_FORWARD = {"torch": _forward_torch, "triton": _forward_triton}
+_BACKWARD = {"torch": _backward_torch, "triton": _backward_triton}
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+class _NormFakeQuant(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, clip, eps, center, bits, impl, clipped):
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        weight = weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None
+        x_hat, mean, rstd = _FORWARD[impl](x2d, weight, bias, clip, eps, center, bits, clipped)
+        ctx.save_for_backward(x2d, weight, bias, clip, mean, rstd)
+        ctx.bits, ctx.impl, ctx.shape = bits, impl, x.shape
+        return x_hat.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        x2d, weight, bias, clip, mean, rstd = ctx.saved_tensors
+        g2d = g.reshape(x2d.shape).contiguous()
+        dx, dw, db, dclip = _BACKWARD[ctx.impl](x2d, g2d, weight, bias, clip, mean, rstd, ctx.bits)
+        return dx.view(ctx.shape), dw, db, dclip, None, None, None, None, None
+
+
+def _check_param(name, p, n_cols, x):
+    if not isinstance(p, torch.Tensor) or not p.is_floating_point() or tuple(p.shape) != (n_cols,):
+        raise TypeError(f"norm_fake_quant: {name} must be a float tensor of shape ({n_cols},) (the "
+                        f"input's last dim), got {getattr(p, 'dtype', type(p))} of shape "
+                        f"{tuple(getattr(p, 'shape', ()))}")
+    if p.device != x.device:
+        raise ValueError(f"norm_fake_quant: {name} is on {p.device} but the input is on {x.device}")
+
+
+def norm_fake_quant(x, weight, bias, eps, kind, clip, bits, impl=None, clipped=None):
+    """quantize(norm(x) * weight + bias): the next linear's fake-quantized input, in x's dtype.
+
+    x: [..., N] bf16/fp16/fp32, normalized over the last dim. kind: "layernorm" (bias or None) or
+    "rmsnorm" (no bias). weight, bias: [N] of any float dtype (math in fp32; their gradients come
+    back in their own dtypes). clip: (c_lo, c_hi), float tensor of shape (2,). Differentiable in x,
+    weight, bias and clip. clipped: optional 0-dim int64 counter that gets the number of y elements
+    outside the clips added. impl: None (Triton on CUDA, torch otherwise), "triton" or "torch".
+    """
+    check_quant_args("norm_fake_quant", x, clip, bits)
+    check_clipped(clipped, x)
+    if kind not in KINDS:
+        raise ValueError(f"norm_fake_quant: kind must be one of {KINDS}, got {kind!r}")
+    n_cols = x.shape[-1]
+    if not 1 <= n_cols <= MAX_N:
+        raise ValueError(f"norm_fake_quant: the normalized (last) dim must be in [1, {MAX_N}], got {n_cols}")
+    _check_param("weight", weight, n_cols, x)
+    if bias is not None:
+        if kind == "rmsnorm":
+            raise ValueError("norm_fake_quant: rmsnorm takes no bias")
+        _check_param("bias", bias, n_cols, x)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"norm_fake_quant: eps must be a number >= 0, got {eps!r}")
+    return _NormFakeQuant.apply(x, weight, bias, clip, float(eps), kind == "layernorm", bits,
+                                resolve_impl(impl, x), clipped)
