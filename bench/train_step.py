@@ -8,8 +8,11 @@
 
 Each variant runs in its own process (clean peak memory). Usage on a GPU machine:
 ``python bench/train_step.py --config configs/1b.yaml`` (prints a table; JSON to $OUT if set).
+``--repeats N`` runs the variant list N times interleaved (A B C A B C ...) and reports each
+variant's median step time, so drift of the machine over the run hits every variant alike.
 """
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -135,6 +138,14 @@ def run_variant(spec: str, config: str, micro: int, steps: int, warmup: int, pro
             "params": sum(p.numel() for p in model.parameters())}
 
 
+def _median_run(variant: str, runs: list[dict]) -> dict:
+    """The run with the median step time (all its numbers), and the step times of every run."""
+    ok = sorted((r for r in runs if "step_ms" in r), key=lambda r: r["step_ms"])
+    if not ok:
+        return runs[0]
+    return {**ok[(len(ok) - 1) // 2], "all_step_ms": [round(r["step_ms"], 2) for r in ok]}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/1b.yaml")
@@ -142,6 +153,7 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--variants", default="plain,ours,ours-qat,ours-qat-only")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved runs of the variant list; medians reported")
     p.add_argument("--profile", action="store_true", help="print each variant's top GPU kernels")
     p.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one variant in this process
     args = p.parse_args()
@@ -151,8 +163,8 @@ def main():
         result = run_variant(args.one, args.config, args.micro_batch, args.steps, args.warmup, args.profile)
         print("RESULT " + json.dumps(result))
         return
-    results = []
-    for variant in args.variants.split(","):
+    runs = {v: [] for v in args.variants.split(",")}
+    for _, variant in itertools.product(range(args.repeats), runs):
         out = subprocess.run([sys.executable, __file__, "--one", variant, "--config", args.config,
                               "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
                               "--warmup", str(args.warmup)] + (["--profile"] if args.profile else []),
@@ -162,10 +174,11 @@ def main():
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
         if out.returncode or not lines:
             print(out.stdout[-3000:], out.stderr[-3000:])
-            results.append({"variant": variant, "error": out.returncode})
+            runs[variant].append({"variant": variant, "error": out.returncode})
             continue
-        results.append(json.loads(lines[-1][7:]))
-        print(f"done {variant}: {results[-1]['step_ms']:.1f} ms/step", flush=True)
+        runs[variant].append(json.loads(lines[-1][7:]))
+        print(f"done {variant}: {runs[variant][-1]['step_ms']:.1f} ms/step", flush=True)
+    results = [_median_run(v, rs) for v, rs in runs.items()]
     base = {r["variant"]: r for r in results if "step_ms" in r}
     print(f"\n{'variant':<34}{'ms/step':>9}{'tok/s':>10}{'TFLOP/s':>9}{'peak GiB':>10}{'vs plain':>10}{'vs ours':>9}")
     for r in results:
@@ -174,7 +187,7 @@ def main():
             continue
         rel = lambda k: f"{r['step_ms'] / base[k]['step_ms'] - 1:+.1%}" if k in base else "-"  # noqa: E731
         print(f"{r['variant']:<34}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10.0f}{r['tflops']:>9.1f}"
-              f"{r['peak_mem_gib']:>10.2f}{rel('plain'):>10}{rel('ours'):>9}")
+              f"{r['peak_mem_gib']:>10.2f}{rel('plain'):>10}{rel('ours'):>9}  {r.get('all_step_ms', '')}")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "train_step.json"), "w") as f:
             json.dump({"config": args.config, "micro_batch": args.micro_batch, "results": results}, f, indent=1)

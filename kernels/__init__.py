@@ -2,10 +2,13 @@
 
 Pure functions of tensors: no model, no config. `impl=None` picks Triton on CUDA tensors and the
 PyTorch reference elsewhere; "triton" / "torch" force one (tests run Triton on CPU under
-TRITON_INTERPRET=1).
+TRITON_INTERPRET=1). The fake quantizer comes alone (`fake_quant`) or fused into the producer of
+a linear's input (`norm_fake_quant`, `act_fake_quant`).
 """
+from .act_quant import act_fake_quant
 from .fake_quant import fake_quant, fake_quant_backward, fake_quant_forward
-from .kurtosis import KURTOSIS_EPS, token_kurtosis
+from .kurtosis import KURTOSIS_EPS, token_kurtosis, token_kurtosis_grad, token_kurtosis_stats
+from .norm_quant import norm_fake_quant
 
-__all__ = ["fake_quant", "fake_quant_forward", "fake_quant_backward", "token_kurtosis",
-           "KURTOSIS_EPS"]
+__all__ = ["fake_quant", "fake_quant_forward", "fake_quant_backward", "norm_fake_quant", "act_fake_quant",
+           "token_kurtosis", "token_kurtosis_stats", "token_kurtosis_grad", "KURTOSIS_EPS"]

@@ -13,7 +13,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 
-from model.layers import Linear, Norm, apply_rope, init_std_scaled, rope_cache
+from model.layers import Linear, Norm, activation, apply_rope, init_std_scaled, rope_cache
 
 
 @dataclass
@@ -115,29 +115,25 @@ class Attention(torch.nn.Module):
             cos, sin = _rope(s, self.head_dim, q.device)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)   # [b, nh, s, hd]
-        y = y.permute(2, 0, 1, 3).reshape(s, b, -1)                   # [s, b, h/tp]
-        return self.proj(y)
+        return self.proj(y.permute(2, 0, 1, 3).flatten(2))            # [s, b, h/tp], a view
 
 
 class MLP(torch.nn.Module):
     def __init__(self, cfg: GPTConfig, mp: ModelParallelConfig):
         super().__init__()
-        self.swiglu = cfg.mlp == "swiglu"
+        self.kind = cfg.mlp
         # SwiGLU's fc1 rows interleave (gate, up) pairs so a contiguous TP split keeps pairs together.
-        fc1_out = cfg.ffn_size * (2 if self.swiglu else 1)
+        fc1_out = cfg.ffn_size * (2 if self.kind == "swiglu" else 1)
         self.fc1 = Linear(cfg.hidden_size, fc1_out, parallel="column", bias=cfg.bias,
                           init_std=cfg.init_std, mp_config=mp)
         self.fc2 = Linear(cfg.ffn_size, cfg.hidden_size, parallel="row", bias=cfg.bias,
                           init_std=init_std_scaled(cfg.init_std, cfg.num_layers), mp_config=mp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        if self.swiglu:
-            gate, up = h.unflatten(-1, (-1, 2)).unbind(-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return self.fc2(h)
+        a, quant = self.fc1(x), self.fc2.input_quant
+        if quant is not None and quant.active:    # fc2's input quantizer, in the activation's kernel
+            return self.fc2(quant.quantize_act(a, self.kind))
+        return self.fc2(activation(a, self.kind))
 
 
 class Block(torch.nn.Module):
@@ -152,8 +148,11 @@ class Block(torch.nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + F.dropout(self.attn(self.norm1(x)), self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
+        # Each norm gets the input quantizer of the linear it feeds (None without QAT).
+        h = self.norm1(x, quant=self.attn.qkv.input_quant)
+        x = x + F.dropout(self.attn(h), self.dropout, self.training)
+        h = self.norm2(x, quant=self.mlp.fc1.input_quant)
+        return x + F.dropout(self.mlp(h), self.dropout, self.training)
 
 
 class Head(torch.nn.Module):
@@ -166,7 +165,7 @@ class Head(torch.nn.Module):
                              init_std=cfg.init_std, mp_config=mp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.output(self.norm(x))                              # [s, b, V/tp]
+        return self.output(self.norm(x, quant=self.output.input_quant))  # [s, b, V/tp]
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ Every linear layer of the model is a :class:`Linear`: a megatron-core column- or
 layer with two attachment points that the QAT issue fills:
 
 * ``input_quant``: a module with ``run(linear, x)`` that quantizes the input and calls the layer
-  (QAT fake quantization with learned clips; see ``quant.qat``);
+  (QAT fake quantization with learned clips; see ``quant.qat``). Producers of a layer's input
+  (norms, the MLP activation) take the quantizer too and apply it in their own kernel;
 * ``output_stat``: a module called on the output that returns it (the kurtosis regularizer).
 
 Both are ``None`` by default and then the forward is the bare megatron layer.
@@ -73,7 +74,7 @@ class Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_quant is None:
-            y, bias = self.linear(x)
+            y, bias = self.linear(x.contiguous())
         else:
             y, bias = self.input_quant.run(self.linear, x)
         if bias is not None:
@@ -98,18 +99,31 @@ class Norm(torch.nn.Module):
             for p in self.parameters():
                 mark_tp_grad_sync(p)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, quant=None) -> torch.Tensor:
+        """quant: the input quantizer of the linear this norm feeds; when active, the output comes
+        fake-quantized from the same kernel."""
         w = tp_grad_sync(self.weight)
         b = tp_grad_sync(self.bias) if self.bias is not None else None
-        dtype = x.dtype
+        if quant is not None and quant.active:
+            return quant.quantize_norm(x, w, b, self.eps, self.kind)
         if self.fp32:
-            x, w = x.float(), w.float()
-            b = b.float() if b is not None else None
-        if self.kind == "layernorm":
-            y = F.layer_norm(x, (x.shape[-1],), w, b, self.eps)
-        else:
-            y = F.rms_norm(x, (x.shape[-1],), w, self.eps)
-        return y.to(dtype)
+            return norm(x.float(), w.float(), b.float() if b is not None else None, self.eps, self.kind).to(x.dtype)
+        return norm(x, w, b, self.eps, self.kind)
+
+
+def norm(x, weight, bias, eps: float, kind: str) -> torch.Tensor:
+    """LayerNorm or RMSNorm of x over its last dim."""
+    if kind == "layernorm":
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    return F.rms_norm(x, x.shape[-1:], weight, eps)
+
+
+def activation(a: torch.Tensor, kind: str) -> torch.Tensor:
+    """The MLP nonlinearity: tanh-GELU, or SwiGLU over interleaved (gate, up) pairs."""
+    if kind == "swiglu":
+        gate, up = a.unflatten(-1, (-1, 2)).unbind(-1)
+        return F.silu(gate) * up
+    return F.gelu(a, approximate="tanh")
 
 
 def rope_cache(seq_len: int, head_dim: int, base: float = 10000.0):

@@ -89,10 +89,10 @@ def train(cfg: Config, dims: ParallelDims) -> Trainer:
     stop = StopSignal()
     saved_step = None
     while trainer.step < t.steps:
-        stats_step = (trainer.step + 1) % t.log_interval == 0
+        stats_step = (trainer.step + 1) % t.log_interval == 0 or trainer.step + 1 == t.steps
         trainer.record_layer_stats(stats_step)
         trainer.train_step(batches)
-        if stats_step or trainer.step == t.steps:
+        if stats_step:
             values, stats = trainer.interval_metrics()
             if logger:
                 logger.interval(trainer.step, values)

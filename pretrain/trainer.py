@@ -86,12 +86,22 @@ class Trainer:
         self.nonfinite_in_row += 1
         limit = self.cfg.train.max_nonfinite_steps
         log.warning(f"step {self.step}: non-finite loss ({loss.item()} on rank {dist.get_rank()}); update "
-                    f"skipped ({self.nonfinite_in_row} in a row, {self.skipped_steps} in this run)")
+                    f"skipped ({self.nonfinite_in_row} in a row, {self.skipped_steps} in this run)"
+                    f"{self._inverted_clips()}")
         if self.nonfinite_in_row >= limit:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_row} steps in a row (up to step {self.step}) had a non-finite loss "
                 f"(train.max_nonfinite_steps={limit}): aborting. Resume from the last checkpoint with a lower "
                 f"optim.lr, bf16 instead of fp16, or model.norm_fp32: true")
+
+    def _inverted_clips(self) -> str:
+        """Names the QAT quantizers whose clips crossed (c_lo >= c_hi), which make their layer's
+        output NaN (the kernels do not check per call: that would synchronize every layer)."""
+        bad = [i for i, q in enumerate(self.quantizers) if not q.clip[0] < q.clip[1]]
+        if not bad:
+            return ""
+        return (f"; QAT quantizers {bad} (in forward order) have inverted clips c_lo >= c_hi: "
+                f"lower optim.lr or qat.init_value")
 
     @torch.no_grad()
     def evaluate(self, micro_batches) -> float:
@@ -134,5 +144,5 @@ class Trainer:
         return values, layers
 
     def record_layer_stats(self, on: bool) -> None:
-        for q in self.quantizers:
-            q.record_stats = on
+        for m in self.quantizers + self.penalties:
+            m.record_stats = on

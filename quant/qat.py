@@ -1,12 +1,17 @@
 """Quantization-aware training of linear-layer inputs with learned clip values.
 
 Each selected linear layer gets an :class:`InputQuantizer` in its ``input_quant`` slot. It
-fake-quantizes the input to ``bits`` with two learned scalars ``c_lo < c_hi`` (the math and its
-straight-through gradients are in DESIGN.md and ``kernels.fake_quant``) and calls the layer.
+fake-quantizes the layer's input to ``bits`` with two learned scalars ``clip = (c_lo, c_hi)`` (the
+math and its straight-through gradients are in DESIGN.md and ``kernels.fake_quant``).
 
-Memory: the quantizer keeps x for its own backward; the layer would keep its input x_hat for the
-weight gradient. Keeping both costs an extra activation per linear, so the layer's saved copy of
-x_hat is replaced by a recipe and x_hat is recomputed from x in backward (one elementwise pass).
+Where the input comes from an elementwise or row-wise producer, the producer applies the
+quantizer in its own kernel (``quantize_norm`` for the norms before qkv / fc1 / the LM head,
+``quantize_act`` for the MLP activation before fc2): the unquantized activation is never written,
+and backward recomputes it from the producer's input, which the producer keeps anyway. Every
+other input (the attention output before proj) is quantized by ``run`` when the layer is called,
+reading the producer's tensor in place; the layer's saved copy of x_hat is then replaced by a
+recipe and x_hat is recomputed from x in backward (x is kept anyway: SDPA keeps its output). So QAT
+adds no memory passes at fused inputs and keeps no activation the unquantized model would not keep.
 """
 import contextlib
 from dataclasses import dataclass, field
@@ -16,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 import kernels
-from model.layers import mark_tp_grad_sync, tp_grad_sync
+from model.layers import activation, mark_tp_grad_sync, norm, tp_grad_sync
 
 LINEAR_NAMES = ("qkv", "proj", "fc1", "fc2", "output")
 
@@ -65,15 +70,15 @@ def _storage_key(t: torch.Tensor):
 
 class _Recompute:
     """What the layer keeps instead of x_hat: x and the clips to rebuild it."""
-    __slots__ = ("x", "c_lo", "c_hi", "bits")
+    __slots__ = ("x", "clip", "bits")
 
-    def __init__(self, x, c_lo, c_hi, bits):
-        self.x, self.c_lo, self.c_hi, self.bits = x, c_lo, c_hi, bits
+    def __init__(self, x, clip, bits):
+        self.x, self.clip, self.bits = x, clip, bits
 
 
 def _unpack(saved):
     if isinstance(saved, _Recompute):
-        return kernels.fake_quant_forward(saved.x, saved.c_lo, saved.c_hi, saved.bits)
+        return kernels.fake_quant_forward(saved.x, saved.clip, saved.bits)
     return saved
 
 
@@ -93,6 +98,10 @@ class InputQuantizer(torch.nn.Module):
         self.active = True                   # switched by the trainer (qat.start_step)
         self.clip_fraction = None            # fraction of inputs clipped, filled when record_stats is on
         self.record_stats = False
+        # Set when the producer of this layer's input applies the quantizer in its own kernel
+        # (the model's wiring is fixed, so this holds from the first forward on): run() then takes
+        # its input as quantized, also when activation checkpointing recomputes the layer alone.
+        self.fused = False
 
     @torch.no_grad()
     def _init_from_batch(self, x: torch.Tensor) -> None:
@@ -112,23 +121,47 @@ class InputQuantizer(torch.nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._ready = None
 
-    def run(self, linear, x: torch.Tensor):
-        """``linear(fake_quant(x))``, keeping only x alive for backward."""
-        if not self.active:
-            return linear(x)
+    def _clip(self, pre_quant) -> torch.Tensor:
+        """The clips for this forward; the first batch's statistics set them under init=batch
+        (`pre_quant()` computes the unquantized input for that, once)."""
         if self._ready is None:
             self._ready = bool(self.initialized)
         if not self._ready:
-            self._init_from_batch(x)
-        c_lo, c_hi = tp_grad_sync(self.clip).float().unbind()   # bf16/fp16 engines cast params; fp32 math
-        if self.record_stats:
-            with torch.no_grad():
-                self.clip_fraction = ((x < c_lo) | (x > c_hi)).float().mean()
-        x_hat = kernels.fake_quant(x, c_lo, c_hi, self.bits)
+            self._init_from_batch(pre_quant())
+        return tp_grad_sync(self.clip)
+
+    def _quantize(self, kernel, pre_quant, *args):
+        """``kernel(*args, clip, bits)``, recording the clipped fraction when asked."""
+        clip = self._clip(pre_quant)
+        clipped = torch.zeros((), dtype=torch.int64, device=clip.device) if self.record_stats else None
+        x_hat = kernel(*args, clip, self.bits, clipped=clipped)
+        if clipped is not None:
+            self.clip_fraction = clipped / x_hat.numel()
+        return x_hat
+
+    def quantize_norm(self, x, weight, bias, eps: float, kind: str) -> torch.Tensor:
+        """x_hat = fake_quant(norm(x)) in one kernel (the norm that feeds this layer)."""
+        self.fused = True
+        return self._quantize(kernels.norm_fake_quant, lambda: norm(x, weight, bias, eps, kind),
+                              x, weight, bias, eps, kind)
+
+    def quantize_act(self, a, kind: str) -> torch.Tensor:
+        """x_hat = fake_quant(act(a)) in one kernel (the MLP activation that feeds this layer)."""
+        self.fused = True
+        return self._quantize(kernels.act_fake_quant, lambda: activation(a, kind), a, kind)
+
+    def run(self, linear, x: torch.Tensor):
+        """``linear(fake_quant(x))``, or ``linear(x)`` when x's producer quantized it. Quantized
+        here, x_hat is recomputed in backward rather than kept beside x."""
+        if not self.active:
+            return linear(x.contiguous())
+        if self.fused:
+            return linear(x)
+        x_hat = self._quantize(kernels.fake_quant, lambda: x, x)
         if _checkpoint_depth:
             return linear(x_hat)
         key = _storage_key(x_hat)
-        recipe = _Recompute(x.detach(), c_lo.detach(), c_hi.detach(), self.bits)
+        recipe = _Recompute(x.detach(), tp_grad_sync(self.clip).detach(), self.bits)
 
         def pack(t):
             return recipe if _storage_key(t) == key else t
