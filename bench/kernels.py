@@ -12,6 +12,7 @@ kernels replace a plain op (LayerNorm, GELU, the attention output's layout copy)
 their forward + backward time over that op's, i.e. what QAT adds at that input.
 """
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -25,8 +26,9 @@ import torch.nn.functional as F  # noqa: E402
 import triton.testing  # noqa: E402
 
 from kernels import act_fake_quant, fake_quant, norm_fake_quant  # noqa: E402
+# the modules, for their host wrappers (the package's names are its public functions)
+aq, fq, nq = (importlib.import_module(f"kernels.{m}") for m in ("act_quant", "fake_quant", "norm_quant"))
 from kernels.kurtosis import token_kurtosis_grad, token_kurtosis_stats  # noqa: E402
-from model.layers import activation  # noqa: E402
 
 TOKENS, HIDDEN, FFN, HEADS, DTYPE, BITS = 16384, 2048, 8192, 16, torch.bfloat16, 4
 CLIP = (-3.8917, 4.1043)  # near the paper's +-4, off any bf16 value and rounding tie
@@ -99,52 +101,52 @@ def check_agreement(inp, impl):
 
 
 def _bench(fn):
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def _fwd_bwd(fn, inputs, g):
-    """(forward, backward) callables: the forward without autograd, the backward through a graph
-    built once (torch.autograd.grad, so no .grad accumulation is timed)."""
-    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
-    out = fn(*leaves)
-    wrt = [t for t in leaves if t.requires_grad]
-
-    def forward():
-        with torch.no_grad():
-            fn(*inputs)
-    return forward, lambda: torch.autograd.grad(out, wrt, g, retain_graph=True)
+    """(GPU ms, eager ms): the GPU time from CUDA-graph replays (no host launch cost: the kernels'
+    own speed) and the time of plain eager calls, which the host's launch cost can bound."""
+    eager = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"), eager
 
 
 def time_kernels(inp):
-    """Rows of (name, ms, bytes moved, size of the copy it is rated against, plain op's ms)."""
-    t, clip = inp, inp["clip"]
-    x, g, a, g_ffn, y = t["x"], t["g"], t["a"], t["g_ffn"], t["y"]
+    """Rows of (name, (GPU ms, eager ms), bytes moved, size of the copy it is rated against,
+    the plain op's (GPU ms, eager ms)). The kernels' host wrappers are timed without autograd
+    (autograd's backward runs on a stream that CUDA-graph capture cannot follow)."""
+    t, clip = inp, inp["clip"].detach()
+    x, g, w, a, g_ffn, y = t["x"], t["g"], t["w"], t["a"], t["g_ffn"], t["y"]
     e, e_ffn = x.numel() * x.element_size(), a.numel() * a.element_size()
     view = _attention_view(t["o"])
     g_view = g.view(view.shape)
     rows = []
 
-    def pair(name, fused, plain, inputs, plain_inputs, grad, nbytes):
-        f_fwd, f_bwd = _fwd_bwd(fused, inputs, grad)
-        p_fwd, p_bwd = _fwd_bwd(plain, plain_inputs, grad)
-        ms = {k: _bench(fn) for k, fn in (("ff", f_fwd), ("fb", f_bwd), ("pf", p_fwd), ("pb", p_bwd))}
-        rows.append((f"{name} fwd", ms["ff"], 2 * nbytes, nbytes, ms["pf"]))
-        rows.append((f"{name} bwd", ms["fb"], 3 * nbytes, nbytes, ms["pb"]))
+    def pair(name, fwd, bwd, plain_fwd, plain_bwd, nbytes):
+        """A fused kernel pair and the plain op it replaces: fwd reads + writes, bwd reads two and
+        writes one activation-sized tensor."""
+        rows.append((f"{name} fwd", _bench(fwd), 2 * nbytes, nbytes, _bench(plain_fwd)))
+        rows.append((f"{name} bwd", _bench(bwd), 3 * nbytes, nbytes, _bench(plain_bwd)))
 
     rows.append(("copy 16384x2048", _bench(lambda: x.clone()), 2 * e, e, None))
     rows.append(("copy 16384x8192", _bench(lambda: a.clone()), 2 * e_ffn, e_ffn, None))
-    # plain op: what the unquantized model runs at the same place
+    _, mean, rstd = nq._forward_triton(x, w, None, clip, EPS, True, BITS, None)
+    _, p_mean, p_rstd = torch.ops.aten.native_layer_norm(x, [x.shape[-1]], w, None, EPS)
     pair("layernorm+fq (qkv, fc1 in)",
-         lambda x_, w_, c_: norm_fake_quant(x_, w_, None, EPS, "layernorm", c_, BITS),
-         lambda x_, w_: F.layer_norm(x_, x_.shape[-1:], w_, None, EPS), [x, t["w"], clip], [x, t["w"]], g, e)
-    pair("gelu+fq (fc2 in)", lambda a_, c_: act_fake_quant(a_, "gelu", c_, BITS),
-         lambda a_: activation(a_, "gelu"), [a, clip], [a], g_ffn, e_ffn)
-    pair("attn-out fq (proj in)", lambda v_, c_: fake_quant(v_, c_, BITS),
-         lambda v_: v_.contiguous(), [view, clip], [view], g_view, e)
+         lambda: nq._forward_triton(x, w, None, clip, EPS, True, BITS, None),
+         lambda: nq._backward_triton(x, g, w, None, clip, mean, rstd, BITS),
+         lambda: torch.ops.aten.native_layer_norm(x, [x.shape[-1]], w, None, EPS),
+         lambda: torch.ops.aten.native_layer_norm_backward(g, x, [x.shape[-1]], p_mean, p_rstd, w, None,
+                                                           [True, True, False]), e)
+    pair("gelu+fq (fc2 in)",
+         lambda: aq._forward_triton(a, clip, BITS, False),
+         lambda: aq._backward_triton(a, g_ffn, clip, BITS, False),
+         lambda: F.gelu(a, approximate="tanh"),
+         lambda: torch.ops.aten.gelu_backward(g_ffn, a, approximate="tanh"), e_ffn)
+    pair("attn-out fq (proj in)",             # plain: the layout copy proj's input needs, both ways
+         lambda: fq._forward_triton(view, clip, BITS),
+         lambda: fq._backward_triton(view, g_view, clip, BITS),
+         lambda: view.contiguous(), lambda: torch.empty_like(view).copy_(g_view), e)
     for name, src, grad, nbytes in (("fq 16384x2048", x, g, e), ("fq 16384x8192", a, g_ffn, e_ffn)):
-        fwd, bwd = _fwd_bwd(lambda x_, c_: fake_quant(x_, c_, BITS), [src, clip], grad)
-        rows.append((f"{name} fwd", _bench(fwd), 2 * nbytes, nbytes, None))
-        rows.append((f"{name} bwd", _bench(bwd), 3 * nbytes, nbytes, None))
+        rows.append((f"{name} fwd", _bench(lambda: fq._forward_triton(src, clip, BITS)), 2 * nbytes, nbytes, None))
+        rows.append((f"{name} bwd", _bench(lambda: fq._backward_triton(src, grad, clip, BITS)), 3 * nbytes,
+                     nbytes, None))
     _, stats = token_kurtosis_stats(y)
     rows.append(("kurtosis stats 16384x2048", _bench(lambda: token_kurtosis_stats(y)), e, e, None))
     rows.append(("kurtosis grad+add 16384x2048",
@@ -170,16 +172,20 @@ def main():
               "agreement": check_agreement(inp, "triton"), "timings": []}
     print(f"Triton vs PyTorch reference: {json.dumps(report['agreement'], indent=1)}")
     rows = time_kernels(inp)
-    copy_gbps = {nbytes: moved / ms / 1e6 for name, ms, moved, nbytes, _ in rows if name.startswith("copy")}
+    copy_gbps = {nbytes: moved / ms[0] / 1e6 for name, ms, moved, nbytes, _ in rows if name.startswith("copy")}
     print(f"\n{report['device']}, {TOKENS} tokens, bf16")
-    print(f"{'kernel':<34} {'ms':>8} {'GB/s':>7} {'vs copy':>8} {'plain ms':>9} {'vs plain':>9}")
-    for name, ms, moved, nbytes, plain_ms in rows:
+    print("GPU ms from CUDA-graph replay; eager ms includes the host's launch cost")
+    print(f"{'kernel':<34} {'GPU ms':>8} {'GB/s':>7} {'vs copy':>8} {'plain ms':>9} {'vs plain':>9} "
+          f"{'eager ms':>9} {'plain eager':>11}")
+    for name, (ms, eager), moved, nbytes, plain in rows:
         gbps = moved / ms / 1e6
-        row = {"name": name, "ms": ms, "bytes": moved, "GB/s": gbps, "vs_copy": gbps / copy_gbps[nbytes],
-               "plain_ms": plain_ms, "vs_plain": ms / plain_ms if plain_ms else None}
+        row = {"name": name, "ms": ms, "eager_ms": eager, "bytes": moved, "GB/s": gbps,
+               "vs_copy": gbps / copy_gbps[nbytes], "plain_ms": plain and plain[0],
+               "plain_eager_ms": plain and plain[1], "vs_plain": ms / plain[0] if plain else None}
         report["timings"].append(row)
-        plain = f"{plain_ms:>9.4f} {ms / plain_ms:>9.2f}" if plain_ms else ""
-        print(f"{name:<34} {ms:>8.4f} {gbps:>7.0f} {row['vs_copy']:>8.2f} {plain}")
+        vs_plain = f"{plain[0]:>9.4f} {ms / plain[0]:>9.2f}" if plain else f"{'':>19}"
+        plain_eager = f"{plain[1]:>11.4f}" if plain else ""
+        print(f"{name:<34} {ms:>8.4f} {gbps:>7.0f} {row['vs_copy']:>8.2f} {vs_plain} {eager:>9.4f} {plain_eager}")
     if os.environ.get("OUT"):
         path = Path(os.environ["OUT"]) / "kernels.json"
         path.write_text(json.dumps(report, indent=1))

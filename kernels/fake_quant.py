@@ -32,7 +32,11 @@ MAX_BITS = 16  # keeps z below 2^22, where the magic-number rounding below is ex
 # interpreter fallback, and this is exact on both).
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 _TILE = 4096            # elements per program and tile
-_BWD_TILES = 4          # backward: row tiles per program, summed in registers before one reduction
+# Backward: row tiles per program (their clip shares are summed in registers before one reduction)
+# and warps: 1 and 8 measured best on H200 (bench/kernels_sweep.py: 0.82 / 0.93 of a device copy at
+# 16384 x 2048 / 8192, where more tiles per program gained nothing).
+_BWD_TILES = 1
+_BWD_WARPS = 8
 _REDUCE_BLOCK = 8192    # second stage: one pass per 8192 partials
 
 
@@ -273,7 +277,7 @@ def _forward_triton(x, clip, bits, clipped=None):
     return out
 
 
-def _backward_triton(x, g, clip, bits, tiles=_BWD_TILES, num_warps=8):
+def _backward_triton(x, g, clip, bits, tiles=_BWD_TILES, num_warps=_BWD_WARPS):
     """Launch settings are arguments only so that bench/kernels_sweep.py can tune them."""
     x, (n_i, n_j, x_stride_i, x_stride_j) = _as_rows(x)
     g = g.contiguous()
