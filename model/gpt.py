@@ -131,7 +131,7 @@ class MLP(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, quant = self.fc1(x), self.fc2.input_quant
-        if quant is not None and quant.active:    # fc2's input quantizer, in the activation's kernel
+        if quant is not None and quant.fuse_into_producer:   # fc2's input quantizer, in the activation's kernel
             return self.fc2(quant.quantize_act(a, self.kind))
         return self.fc2(activation(a, self.kind))
 

@@ -4,8 +4,9 @@ Every linear layer of the model is a :class:`Linear`: a megatron-core column- or
 layer with two attachment points that the QAT issue fills:
 
 * ``input_quant``: a module with ``run(linear, x)`` that quantizes the input and calls the layer
-  (QAT fake quantization with learned clips; see ``quant.qat``). Producers of a layer's input
-  (norms, the MLP activation) take the quantizer too and apply it in their own kernel;
+  (QAT fake quantization with learned clips, see ``quant.qat``; evaluation-time quantizers, see
+  ``quant.convert``). When its ``fuse_into_producer`` is true, the producer of the input (a norm,
+  the MLP activation) applies it in its own kernel (``quantize_norm`` / ``quantize_act``);
 * ``output_stat``: a module called on the output that returns it (the kurtosis regularizer).
 
 Both are ``None`` by default and then the forward is the bare megatron layer.
@@ -104,7 +105,7 @@ class Norm(torch.nn.Module):
         fake-quantized from the same kernel."""
         w = tp_grad_sync(self.weight)
         b = tp_grad_sync(self.bias) if self.bias is not None else None
-        if quant is not None and quant.active:
+        if quant is not None and quant.fuse_into_producer:
             return quant.quantize_norm(x, w, b, self.eps, self.kind)
         if self.fp32:
             return norm(x.float(), w.float(), b.float() if b is not None else None, self.eps, self.kind).to(x.dtype)

@@ -28,18 +28,20 @@ BITS = (16, 8, 4, 3, 2)
 class ActQuant(torch.nn.Module):
     """``linear(quantize(x))``: activations fake-quantized on an integer grid, weight as loaded.
     (Modules, not plain objects, because the slot may hold the QAT quantizer module.)"""
+    fuse_into_producer = False       # quantizes in run(), after the producer's plain output
 
     def __init__(self, quantize: Callable[[torch.Tensor], torch.Tensor], kind: str):
         super().__init__()
         self.quantize, self.kind = quantize, kind
 
     def run(self, linear, x):
-        return linear(self.quantize(x))
+        return linear(self.quantize(x.contiguous()))   # x may be a strided view (attention output)
 
 
 class Int8Linear(torch.nn.Module):
     """W8A8 vector-wise: int8 weight codes per output channel, per-token int8 activations."""
     kind = "int8 GEMM"
+    fuse_into_producer = False
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
@@ -49,7 +51,7 @@ class Int8Linear(torch.nn.Module):
 
     def run(self, linear, x):
         # Linear.forward adds the returned bias (column layers would add it inside megatron).
-        return w8a8_linear(x, self.w_q, self.w_scale), linear.bias
+        return w8a8_linear(x.contiguous(), self.w_q, self.w_scale), linear.bias
 
 
 def block_linears(model) -> list[tuple[str, torch.nn.Module]]:

@@ -150,6 +150,11 @@ class InputQuantizer(torch.nn.Module):
         self.fused = True
         return self._quantize(kernels.act_fake_quant, lambda: activation(a, kind), a, kind)
 
+    @property
+    def fuse_into_producer(self) -> bool:
+        """Asks the producer of this layer's input to quantize in its own kernel (when active)."""
+        return self.active
+
     def run(self, linear, x: torch.Tensor):
         """``linear(fake_quant(x))``, or ``linear(x)`` when x's producer quantized it. Quantized
         here, x_hat is recomputed in backward rather than kept beside x."""
