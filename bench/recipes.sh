@@ -17,19 +17,22 @@ train_shards=$(ls $CORPUS/*.jsonl* | grep -v valid)
 [ -f $D/valid.idx ] || python -m data_prep.tokenize --input $CORPUS/valid.jsonl.xz --tokenizer $D/tokenizer.model \
     --output-prefix $D/valid --workers 4 --append-eod
 for r in $RECIPES; do
+  # baseline | qat[-batch][-kurt-LAMBDA]: QAT with constant (+-4) or first-batch clip init, kurtosis
+  q=false; k=false; lam=0; init=constant
   case $r in
-    baseline)        q=false; k=false; lam=0 ;;
-    qat)             q=true;  k=false; lam=0 ;;
-    qat-kurt-*)      q=true;  k=true;  lam=${r#qat-kurt-} ;;
+    baseline) ;;
+    qat|qat-*) q=true ;;
     *) echo "unknown recipe $r"; exit 2 ;;
   esac
+  [[ $r == *-batch* ]] && init=batch
+  [[ $r == *-kurt-* ]] && { k=true; lam=${r##*-kurt-}; }
   out=runs/recipes/$r
   python -m pretrain.train --config configs/125m.yaml --model.vocab_size 8192 --train.steps $STEPS \
       --train.micro_batch_size 16 --train.global_batch_size 64 --optim.warmup_steps $((STEPS / 10)) \
       --optim.lr 1.0e-3 --optim.min_lr 1.0e-4 --train.eval_interval 0 --train.log_interval 50 \
       --checkpoint.interval 0 --checkpoint.resume none --train.out_dir $out \
       --data.paths "[$D/train]" --data.valid_paths "[$D/valid]" --data.tokenizer $D/tokenizer.model \
-      --qat.enabled $q --kurtosis.enabled $k --kurtosis.lambda $lam 2>&1 | grep -E "step [0-9]+/|valid loss|Error|error" 
+      --qat.enabled $q --qat.init $init --kurtosis.enabled $k --kurtosis.lambda $lam 2>&1 | grep -E "step [0-9]+/|valid loss|Error|error" 
   python -m quant.evaluate --checkpoint $out --configs W16A16 W4A4 --tasks --ppl-windows 64 \
       --output $out/eval.json 2>&1 | grep -vE "^\[|warn" | tail -4
 done
