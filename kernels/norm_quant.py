@@ -4,7 +4,7 @@ Unfused, QAT costs a norm output y written and read again, x_hat written, and in
 recomputed and a separate quantizer backward: seven extra passes over an activation-sized tensor.
 Fused, the forward reads x and writes only x_hat (which the linear keeps for its weight gradient);
 the backward reads x and dL/dx_hat, recomputes y bit for bit as the forward did, and does the
-quantizer backward (kernels.fake_quant.quantize_grad) and the norm backward in the same pass.
+quantizer backward (kernels.fake_quant.quantize_grad's math) and the norm backward in the same pass.
 
 Per row of N channels, all in fp32:
     layernorm: mean = mean(x), rstd = 1 / sqrt(mean((x - mean)^2) + eps), xnorm = (x - mean) * rstd
@@ -16,7 +16,8 @@ Backward, with dy the straight-through gradient of y and dxhat = dy * w:
 The forward keeps x, the parameters and per-row fp32 mean (layernorm) and rstd: nothing else of x's
 size. Column sums are per-program fp32 partials summed in a fixed order afterwards: deterministic,
 no atomics. Kernels are compiled without FMA contraction, so y and z round exactly as the PyTorch
-reference rounds them and the forward and backward agree on every element's clip decision.
+reference rounds them and the forward and backward agree on every element's clip decision; the
+backward's FMAs (dw, dx) are explicit, off that path.
 """
 import functools
 
@@ -24,22 +25,28 @@ import torch
 import triton
 import triton.language as tl
 
-from .fake_quant import (add_clipped, check_clipped, check_quant_args, clipped_torch, is_clipped,
-                         load_clip, quantize, quantize_grad, quantize_grad_torch, quantize_torch,
-                         resolve_impl)
+from .fake_quant import (_ROUND_MAGIC, add_clipped, check_clipped, check_quant_args, clipped_torch,
+                         is_clipped, load_clip, quantize, quantize_grad_torch, quantize_torch, resolve_impl)
 
 KINDS = ("layernorm", "rmsnorm")
 MAX_N = 16384  # whole rows live in registers (measured up to 8192; wider ones spill)
 
-# Launch settings, measured on one H200 with .scratch/norm/bench.py (bf16, 16384 rows of 1024,
-# 2048 and 8192). Forward: tiles of 4096 elements, 32 per thread (2048: 2 rows on 4 warps). Backward:
-# one row per step for rows of 1024 and more, 16 elements per thread (2048: 4 warps), and as many
-# programs as are resident at once: the kernel takes up to 128 registers per thread, an SM has 64K,
-# so 16 // num_warps programs per SM (more would only grow the partial sums).
+# Launch settings, measured on one H200 (forward: .scratch/norm/bench.py; backward:
+# .scratch/normbwd/bench*.py, GPU time by CUDA-graph replay, bf16, 16384 rows). Forward: tiles of
+# 4096 elements, 32 per thread (2048: 2 rows on 4 warps). Backward: one row per step for rows of
+# 1024 and more, 16 elements per thread (2048: 4 warps, 4096: 8), the next row prefetched, and as
+# many programs as are resident at once: the kernel takes up to 128 registers per thread (126 at
+# 2048), an SM has 64K, so 16 // num_warps programs per SM. Backward (kernel + column sums) against
+# a device copy: layernorm 2048 0.0598 ms, 0.83 (the previous kernel: 0.0733 ms, 0.68); rmsnorm
+# 2048 0.84; layernorm / rmsnorm 4096 0.82 / 0.83. Measured slower at 2048: 3, 5 or 8 programs per
+# SM (0.78, 0.68, 0.79), 8 warps (0.72), no prefetch with 5 programs per SM (0.65), two rows a step
+# (0.56), a double-buffered prefetch (0.73), clip shares summed per column instead of per row (0.77).
 _FWD_TILE, _FWD_PER_THREAD = 4096, 32
 _BWD_TILE, _BWD_PER_THREAD = 1024, 16
 _RESIDENT_WARPS_PER_SM = 16    # 64K registers / (128 per thread * 32 threads per warp)
-_SUM_TILE = 8192               # second stage: partials summed per program and step
+_SUM_TILE = 8192               # second stage: partials summed per program and step, in
+_SUM_ROWS = 512                # tiles of up to 512 partials x 16 columns (H200, 528 x 2050 partials:
+                               # 2.8 us, 3.5 in tiles of 256 x 32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,72 +153,109 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, clip_ptr, out_ptr, mean_ptr, rstd_ptr, coun
 
 
 @triton.jit
-def _load_rows(x_ptr, g_ptr, start, end, tile, col_ok, n_cols, ROWS: tl.constexpr):
-    """x and g of rows [start, start + ROWS) below end, as stored (g = 0 off them: no clip shares)."""
-    mask = (start + tl.arange(0, ROWS) < end)[:, None] & col_ok[None, :]
+def _quantize_grad_inside(y, g, c_lo, c_hi, s, inv_n):
+    """(dy, g_out, to_hi): kernels.fake_quant.quantize_grad's dv and dc_hi share, bit for bit, and
+    g_out = g beyond either clip, whose sum less to_hi's is the sum of the dc_lo shares. Leaner:
+    z is computed without the clamp, as only z inside the clips is used, where clamp(y) = y."""
+    above = y >= c_hi
+    below = y <= c_lo
+    inside = ~(above | below)
+    z = (y - c_lo) * s
+    delta_g = tl.where(inside, (((z + _ROUND_MAGIC) - _ROUND_MAGIC) - z) * inv_n * g, 0.0)
+    dy = tl.where(inside, g, 0.0)
+    return dy, g - dy, tl.where(above, g, delta_g)
+
+
+@triton.jit
+def _load_rows(x_ptr, g_ptr, mean_ptr, rstd_ptr, start, end, tile, col_ok, n_cols,
+               CENTER: tl.constexpr, ROWS: tl.constexpr, EVEN: tl.constexpr):
+    """x and g of rows [start, start + ROWS) below end, as stored (g = 0 off them: no shares), and
+    their mean (CENTER) and rstd. EVEN: n_cols == BLOCK_N, no column mask."""
+    rows = start + tl.arange(0, ROWS)
+    row_ok = rows < end
+    if EVEN:
+        mask = row_ok[:, None]
+    else:
+        mask = row_ok[:, None] & col_ok[None, :]
     base = start * n_cols
+    rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+    if CENTER:
+        mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
+    else:
+        mean = rstd  # unused
     return (tl.load(x_ptr + base + tile, mask=mask, other=0.0),
-            tl.load(g_ptr + base + tile, mask=mask, other=0.0))
+            tl.load(g_ptr + base + tile, mask=mask, other=0.0), mean, rstd)
 
 
 @triton.jit
 def _bwd_kernel(x_ptr, g_ptr, w_ptr, b_ptr, clip_ptr, mean_ptr, rstd_ptr, dx_ptr, part_ptr,
                 n_rows, n_cols, n_cols_f, width, rows_per_program, n_steps, CENTER: tl.constexpr,
-                HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+                HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                EVEN: tl.constexpr):
     """dx of rows_per_program rows, ROWS at a time. Row pid of the (programs, width) fp32 partials
     gets the program's sums: dw in [0, N), db in [N, 2N) (HAS_BIAS), dc_lo and dc_hi in the last
     two columns; sums over rows stay in registers until the program ends.
 
-    The loop waits on memory, not arithmetic, so the next rows' x and g are loaded before the
-    current ones are worked on, and w and b are re-read each step (from cache) instead of held:
-    the registers this frees let more programs share an SM (both measured faster on H200)."""
+    On H200 the loop's instructions take about as long as its memory traffic, so both are kept
+    down: the next rows' x, g and stats are loaded before the current ones are worked on (latency);
+    w and b are held in registers; the clip shares ride on the row reduction that dx needs anyway
+    (one exchange between warps per row, for four sums); dw and dx use explicit FMAs (the kernel
+    is compiled without contraction, for y, which must round as in the forward)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < n_cols
     tile = tl.arange(0, ROWS)[:, None] * n_cols + cols[None, :]
     c_lo, c_hi, s, _ = load_clip(clip_ptr, n_steps)
     inv_n = tl.math.div_rn(1.0, n_steps)
+    inv_cols = tl.math.div_rn(1.0, n_cols_f)
+    w, b = _load_params(w_ptr, b_ptr, cols, col_ok, HAS_BIAS)
     acc_dw = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
     acc_db = tl.zeros([ROWS, BLOCK_N], dtype=tl.float32)
-    acc_lo = tl.zeros([ROWS], dtype=tl.float32)
+    acc_out = tl.zeros([ROWS], dtype=tl.float32)
     acc_hi = tl.zeros([ROWS], dtype=tl.float32)
     start = pid.to(tl.int64) * rows_per_program
     end = tl.minimum(start + rows_per_program, n_rows)
-    x_next, g_next = _load_rows(x_ptr, g_ptr, start, end, tile, col_ok, n_cols, ROWS)
+    x_next, g_next, mean_next, rstd_next = _load_rows(x_ptr, g_ptr, mean_ptr, rstd_ptr, start, end, tile,
+                                                      col_ok, n_cols, CENTER, ROWS, EVEN)
     while start < end:  # not range(): the interpreter cannot iterate to a runtime bound
         rows = start + tl.arange(0, ROWS)
         row_ok = rows < end
         x = x_next.to(tl.float32)
         g = g_next.to(tl.float32)
-        x_next, g_next = _load_rows(x_ptr, g_ptr, start + ROWS, end, tile, col_ok, n_cols, ROWS)
-        w, b = _load_params(w_ptr, b_ptr, cols, col_ok, HAS_BIAS)
-        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
-        if CENTER:
-            mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
-        else:
-            mean = rstd  # unused
+        mean = mean_next
+        rstd = rstd_next
+        x_next, g_next, mean_next, rstd_next = _load_rows(x_ptr, g_ptr, mean_ptr, rstd_ptr, start + ROWS, end,
+                                                          tile, col_ok, n_cols, CENTER, ROWS, EVEN)
         xnorm, y = _affine(x, mean, rstd, w, b, CENTER, HAS_BIAS)
-        dy, to_lo, to_hi = quantize_grad(y, g, c_lo, c_hi, s, inv_n)
-        acc_dw += dy * xnorm
+        dy, g_out, to_hi = _quantize_grad_inside(y, g, c_lo, c_hi, s, inv_n)
+        acc_dw = tl.fma(dy, xnorm, acc_dw)
         if HAS_BIAS:
             acc_db += dy
         dxhat = dy * w[None, :]
         # one joint reduction: a single exchange between warps instead of four
-        sum_dxhat, sum_dxhat_xnorm, sum_lo, sum_hi = tl.reduce((dxhat, dxhat * xnorm, to_lo, to_hi), 1, _add4)
-        inner = dxhat - xnorm * tl.math.div_rn(sum_dxhat_xnorm, n_cols_f)[:, None]
+        sum_dxhat, sum_dxhat_xnorm, sum_out, sum_hi = tl.reduce((dxhat, dxhat * xnorm, g_out, to_hi), 1, _add4)
+        # dx = rstd * (dxhat - xnorm * mean(dxhat * xnorm) - mean(dxhat)), in two FMAs
+        k_xnorm = -(rstd * (sum_dxhat_xnorm * inv_cols))
         if CENTER:
-            inner = inner - tl.math.div_rn(sum_dxhat, n_cols_f)[:, None]
-        tl.store(dx_ptr + start * n_cols + tile, (rstd[:, None] * inner).to(dx_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & col_ok[None, :])
-        acc_lo += sum_lo
+            k_one = -(rstd * (sum_dxhat * inv_cols))
+            dx = tl.fma(dxhat, rstd[:, None], tl.fma(xnorm, k_xnorm[:, None], k_one[:, None]))
+        else:
+            dx = tl.fma(dxhat, rstd[:, None], xnorm * k_xnorm[:, None])
+        if EVEN:
+            mask = row_ok[:, None]
+        else:
+            mask = row_ok[:, None] & col_ok[None, :]
+        tl.store(dx_ptr + start * n_cols + tile, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        acc_out += sum_out
         acc_hi += sum_hi
         start += ROWS
     part = part_ptr + pid * width
     tl.store(part + cols, tl.sum(acc_dw, axis=0), mask=col_ok)
     if HAS_BIAS:
         tl.store(part + n_cols + cols, tl.sum(acc_db, axis=0), mask=col_ok)
-    tl.store(part + width - 2, tl.sum(acc_lo, axis=0))
-    tl.store(part + width - 1, tl.sum(acc_hi, axis=0))
+    sum_hi = tl.sum(acc_hi, axis=0)
+    tl.store(part + width - 2, tl.sum(acc_out, axis=0) - sum_hi)
+    tl.store(part + width - 1, sum_hi)
 
 
 @triton.jit
@@ -285,11 +329,11 @@ def _backward_triton(x2d, g, weight, bias, clip, mean, rstd, bits, rows=None, nu
                                mean if mean is not None else rstd, rstd, dx, part, n_rows, n_cols,
                                float(n_cols), width, rows_per_program, float(2 ** bits - 1),
                                CENTER=mean is not None, HAS_BIAS=bias is not None,
-                               enable_fp_fusion=False, **cfg)
+                               EVEN=cfg["BLOCK_N"] == n_cols, enable_fp_fusion=False, **cfg)
     dw = torch.empty_like(weight)
     db = torch.empty_like(bias) if bias is not None else None
     dclip = torch.empty_like(clip)
-    rows2 = min(triton.next_power_of_2(n_programs), _SUM_TILE // 32)
+    rows2 = min(triton.next_power_of_2(n_programs), _SUM_ROWS)
     block = _SUM_TILE // rows2
     _column_sums_kernel[(triton.cdiv(width, block),)](
         part, dw, db if db is not None else dw, dclip, n_programs, n_cols, width,

@@ -14,7 +14,7 @@ from kernels.norm_quant import (_affine_torch, _backward_triton, _column_sums_ke
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IMPLS = ["torch", "triton"]
-SHAPES = [(37, 129), (3, 5, 200), (2, 4100)]
+SHAPES = [(37, 129), (3, 5, 200), (2, 4100), (6, 128)]  # the last: no column mask
 NORMS = [("layernorm", True), ("layernorm", False), ("rmsnorm", False)]  # (kind, with bias)
 BITS, EPS = 4, 1e-5
 C_LO, C_HI = -1.73, 2.41
