@@ -1,8 +1,9 @@
-"""Launch-setting sweep for the fake-quant backward and kurtosis moments kernels, on one GPU.
+"""Launch-setting sweep for the fake-quant, activation + fake-quant backward and kurtosis moments
+kernels, on one GPU.
 
     python bench/kernels_sweep.py    # needs CUDA; JSON to $OUT/kernels_sweep.json if OUT is set
 
-Each setting is checked against the kernel at its default settings (fake-quant dx bitwise, clip
+Each setting is checked against the kernel at its default settings (d-input bitwise, clip
 gradients and kappa to fp32 rounding) and timed (CUDA-graph replay: GPU time alone) as a fraction
 of a device copy of its input, on the same byte counts as bench/kernels.py.
 """
@@ -17,13 +18,19 @@ import torch  # noqa: E402
 import triton.testing  # noqa: E402
 
 from kernels import KURTOSIS_EPS  # noqa: E402
+from kernels.act_quant import _backward_triton as _act_backward_triton  # noqa: E402
 from kernels.fake_quant import _backward_triton  # noqa: E402
 from kernels.kurtosis import _moments_triton  # noqa: E402
 
 TOKENS, BITS = 16384, 4
 C_LO, C_HI = -3.8917, 4.1043  # as bench/kernels.py
 FQ_HIDDENS, KURT_HIDDENS = (2048, 8192), (1024, 2048, 3072, 4096, 8192)
-FQ_SETTINGS = [dict(tiles=t, num_warps=w) for t in (1, 2, 4, 8) for w in (4, 8, 16)]
+FQ_SETTINGS = ([dict(block=b, tiles=1, num_warps=w) for b in (2048, 4096, 8192) for w in (4, 8, 16)]
+               + [dict(block=4096, tiles=2, num_warps=8), dict(block=4096, tiles=1, num_warps=8, trigger=False)])
+ACT_SHAPES = {"gelu": (TOKENS, 8192), "swiglu": (TOKENS, 16384)}   # a's shape, as bench/kernels.py
+ACT_SETTINGS = [dict(block=b, tiles=t, num_warps=w, prefetch=p) for b, t in ((1024, 8), (1024, 16), (512, 16),
+                                                                             (2048, 8))
+                for w in (4, 8) for p in (False, True)]
 KURT_SETTINGS = [dict(num_warps=w) for w in (1, 2, 4, 8, 16)]
 
 
@@ -55,6 +62,28 @@ def sweep_fake_quant(hidden, rows):
                          ms=ms, gbps=gbps, vs_copy=gbps / copy_gbps, ok=ok))
 
 
+def sweep_act(kind, rows):
+    swiglu = kind == "swiglu"
+    gen = torch.Generator("cuda").manual_seed(0)
+    a = (torch.randn(ACT_SHAPES[kind], generator=gen, device="cuda") * 2).to(torch.bfloat16)
+    g = torch.randn(a.shape[0], a.shape[1] // (2 if swiglu else 1), generator=gen, device="cuda").to(torch.bfloat16)
+    clip = torch.tensor([C_LO, C_HI], device="cuda")
+    e = a.numel() * a.element_size()
+    moved = 2 * e + g.numel() * g.element_size()
+    copy_gbps = 2 * e / _bench(lambda: a.clone()) / 1e6
+    ref_da, ref_clip = _act_backward_triton(a, g, clip, BITS, swiglu)
+    for setting in [None] + ACT_SETTINGS:
+        kw = setting or {}
+        if setting and 8 * setting["num_warps"] * 32 > setting["block"] * (2 if swiglu else 1) * 2:
+            continue   # fewer than 8 bytes of a per thread
+        da, dclip = _act_backward_triton(a, g, clip, BITS, swiglu, **kw)
+        ok = torch.equal(da, ref_da) and torch.allclose(dclip, ref_clip, rtol=1e-4, atol=1e-2)
+        ms = _bench(lambda: _act_backward_triton(a, g, clip, BITS, swiglu, **kw))
+        gbps = moved / ms / 1e6
+        rows.append(dict(kernel=f"{kind} bwd", hidden=a.shape[1], setting=setting or "default",
+                         ms=ms, gbps=gbps, vs_copy=gbps / copy_gbps, ok=ok))
+
+
 def sweep_kurtosis(hidden, rows):
     gen = torch.Generator("cuda").manual_seed(0)
     y = torch.randn(TOKENS, hidden, generator=gen, device="cuda")
@@ -83,6 +112,8 @@ def main():
         sweep_kurtosis(hidden, rows)
     for hidden in FQ_HIDDENS:
         sweep_fake_quant(hidden, rows)
+    for kind in ACT_SHAPES:
+        sweep_act(kind, rows)
     print(f"{torch.cuda.get_device_name()}, {TOKENS} tokens, bf16")
     for row in rows:
         print(f"{row['kernel']:<15} {row['hidden']:>5} {json.dumps(row['setting']):<62} "

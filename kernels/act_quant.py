@@ -16,16 +16,19 @@ Both are h = y(x) * up with y(x) = x * sigmoid(t(x)) and up = 1 for GELU: t = x 
 has no interpreter fallback) and, from one exp(-|t|), gives sigmoid(t) and 1 - sigmoid(t) without
 overflow or cancellation (torch's 1 + tanh(u) cancels for negative u).
 
-The quantizer math is kernels.fake_quant's (load_clip / quantize / quantize_grad and their
-PyTorch twins); clip gradients are summed per program, then in a fixed order: no atomics.
+The quantizer math is kernels.fake_quant's (load_clip / quantize and the backward's leaner
+_quantize_grad_acc, the same dx; their PyTorch twins); clip gradients are summed per program, then
+in a fixed order: no atomics.
 """
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents
 
-from .fake_quant import (add_clipped, check_clipped, check_quant_args, clip_grad_from_partials,
-                         clipped_torch, is_clipped, load_clip, quantize, quantize_grad,
-                         quantize_grad_torch, quantize_torch, resolve_impl)
+from .fake_quant import (_acc_scale, _finish_clip_sums, _inv_steps, _neg_zeros, _quantize_grad_acc,
+                         add_clipped, check_clipped, check_quant_args, clip_grad_from_partials,
+                         clipped_torch, is_clipped, load_clip, quantize, quantize_grad_torch,
+                         quantize_torch, resolve_impl)
 
 KINDS = ("gelu", "swiglu")
 # torch's tanh-GELU, u = beta * (x + kappa * x^3) with beta = sqrt(2 / pi), kappa = 0.044715, as
@@ -37,11 +40,17 @@ _D1 = tl.constexpr(2 * _BETA)
 _D2 = tl.constexpr(6 * _BETA * _KAPPA)
 _SILU_T1 = tl.constexpr(_LOG2E)
 # Launch settings measured on one H200 (bf16; GELU on 16384 x 8192, SwiGLU on 16384 x 16384):
-# forward 4096 elements of h per program on 4 warps; backward 8 tiles of 1024 per program, on 4
-# warps for GELU and 8 for SwiGLU (whose tiles read twice the input), 16 bytes of a per thread.
+# forward 4096 elements of h per program on 4 warps. Backward (CUDA-graph replay, the committed
+# kernel beside it in .scratch/bwd/bench.py): tiles of 1024 elements of h, the next tile's loads
+# issued before the current tile's math; GELU 16 tiles per program on 4 warps: 0.211-0.220 ms =
+# 0.87-0.90 of a device copy (was 0.243-0.250 ms = 0.77-0.79; bench/kernels.py 0.222 ms, on par with
+# the plain gelu_backward), where 8 or 32 tiles, 512-element tiles on 2 warps, or no prefetch
+# measured within 1-3%, and 2048-4096-element tiles or 8 warps 3-30% slower; SwiGLU (whose tiles
+# read twice the input) 8 tiles on 8 warps: 0.324 ms (was 0.337).
 _FWD_BLOCK, _FWD_WARPS = 4096, 4
-_BWD_BLOCK, _BWD_TILES = 1024, 8
-_BWD_WARPS = {False: 4, True: 8}   # by swiglu
+_BWD_BLOCK, _BWD_PREFETCH = 1024, True
+_BWD_TILES = {False: 16, True: 8}      # by swiglu
+_BWD_WARPS = {False: 4, True: 8}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,9 +124,22 @@ def _load_input(a_ptr, start, n, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _gated(x, SWIGLU: tl.constexpr):
+def _rcp(x, ASM: tl.constexpr):
+    """1 / x for 1 <= x <= 2^126, bitwise as `1.0 / x` computes it on the GPU: div.full.f32 is
+    rcp.approx times a range scale that is 1 up to 2^126, so one MUFU.RCP instead of five
+    instructions. ASM: inline PTX, which the interpreter lacks (it divides)."""
+    if ASM:
+        return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return 1.0 / x
+
+
+@triton.jit
+def _gated(x, SWIGLU: tl.constexpr, ASM: tl.constexpr = False):
     """(y, dy/dx) for y = x * sigmoid(t(x)); forward's unused dy is compiled away. e = exp(-t) is
-    capped at 2^126 so that e * sig = 1 - sig stays finite (and free of cancellation)."""
+    capped at 2^126 so that e * sig = 1 - sig stays finite (and free of cancellation), and so that
+    1 + e is in _rcp's range."""
     if SWIGLU:
         t2 = x * _SILU_T1
         dt = 1.0
@@ -126,7 +148,7 @@ def _gated(x, SWIGLU: tl.constexpr):
         t2 = x * (_T1 + _T2 * xx)
         dt = _D1 + _D2 * xx
     e = tl.exp2(tl.minimum(-t2, 126.0))
-    sig = 1.0 / (1.0 + e)
+    sig = _rcp(1.0 + e, ASM)
     y = x * sig
     return y, sig + y * (e * sig) * dt
 
@@ -147,34 +169,91 @@ def _fwd_kernel(a_ptr, clip_ptr, out_ptr, count_ptr, n, n_steps, SWIGLU: tl.cons
 
 
 @triton.jit
-def _bwd_kernel(a_ptr, g_ptr, clip_ptr, da_ptr, partial_ptr, n, n_steps, SWIGLU: tl.constexpr,
-                TILES: tl.constexpr, BLOCK: tl.constexpr):
-    """da for TILES tiles of h, and the program's partial sums of dc_lo, dc_hi at partial_ptr[0, pid]
-    and [1, pid] (shares summed in registers: one cross-warp reduction per program and sum)."""
-    c_lo, c_hi, s, _ = load_clip(clip_ptr, n_steps)
-    inv_n = tl.math.div_rn(1.0, n_steps)
-    acc_lo = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_hi = tl.zeros([BLOCK], dtype=tl.float32)
-    for t in range(TILES):
-        start = (tl.program_id(0).to(tl.int64) * TILES + t) * BLOCK
+def _bf16_pair(w):
+    """The two bf16 of 32-bit words w as fp32: one instruction each (a shift, a mask)."""
+    return (w << 16).to(tl.float32, bitcast=True), (w & -65536).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_tile(a_ptr, g_ptr, start, n, more, SWIGLU: tl.constexpr, PAIRS: tl.constexpr, EVEN: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """(x, up, g) in fp32 of the tile at h[start:]; `more` (a scalar) masks the whole tile. PAIRS
+    (GELU, bf16 a and g, even n): read as 32-bit words, the tile is [BLOCK // 2, 2]."""
+    if PAIRS:
+        words = start // 2 + tl.arange(0, BLOCK // 2)
+        mask = more if EVEN else (words < n // 2) & more
+        x0, x1 = _bf16_pair(tl.load(a_ptr.to(tl.pointer_type(tl.int32)) + words, mask=mask, other=0))
+        g0, g1 = _bf16_pair(tl.load(g_ptr.to(tl.pointer_type(tl.int32)) + words, mask=mask, other=0))
+        x, up, g = tl.join(x0, x1), 1.0, tl.join(g0, g1)
+    else:
+        offs = start + tl.arange(0, BLOCK)
+        mask = more if EVEN else (offs < n) & more
+        if SWIGLU:
+            pair_offs = 2 * start + tl.arange(0, 2 * BLOCK)
+            pair_mask = more if EVEN else (pair_offs < 2 * n) & more
+            pairs = tl.reshape(tl.load(a_ptr + pair_offs, mask=pair_mask, other=0.0), [BLOCK, 2])
+            x, up = tl.split(pairs.to(tl.float32))
+        else:
+            x = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            up = 1.0
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return x, up, g
+
+
+@triton.jit
+def _store_tile(da_ptr, start, n, dx, du, SWIGLU: tl.constexpr, PAIRS: tl.constexpr, EVEN: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """da of the tile at h[start:]: dx (and SwiGLU's du, interleaved)."""
+    if SWIGLU:
+        offs, mask = _pairs(start, n, BLOCK)
+        da = tl.reshape(tl.join(dx, du), [2 * BLOCK])
+    else:
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n
-        x, up = _load_input(a_ptr, start, n, SWIGLU, BLOCK)
-        y, dy = _gated(x, SWIGLU)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        dh, to_lo, to_hi = quantize_grad(y * up, g, c_lo, c_hi, s, inv_n)
-        dx = dh * up * dy
-        if SWIGLU:
-            pair_offs, pair_mask = _pairs(start, n, BLOCK)
-            da = tl.reshape(tl.join(dx, dh * y), [2 * BLOCK])
-            tl.store(da_ptr + pair_offs, da.to(da_ptr.dtype.element_ty), mask=pair_mask)
+        da = tl.reshape(dx, [BLOCK]) if PAIRS else dx
+    if EVEN:
+        tl.store(da_ptr + offs, da.to(da_ptr.dtype.element_ty))
+    else:
+        tl.store(da_ptr + offs, da.to(da_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_kernel(a_ptr, g_ptr, clip_ptr, da_ptr, partial_ptr, n, n_steps, inv_n, SWIGLU: tl.constexpr,
+                PAIRS: tl.constexpr, EVEN: tl.constexpr, ASM: tl.constexpr, PREFETCH: tl.constexpr,
+                TRIGGER: tl.constexpr, TILES: tl.constexpr, BLOCK: tl.constexpr):
+    """da for TILES tiles of h, and the program's partial sums of dc_lo, dc_hi at partial_ptr[0, pid]
+    and [1, pid] (shares summed in registers: one cross-warp reduction per program). PREFETCH: each
+    tile's loads are issued before the previous tile's math, the first before the clip is read."""
+    if TRIGGER:   # the second stage may launch (and wait in gdc_wait) once every program has started
+        gdc_launch_dependents()
+    start = tl.program_id(0).to(tl.int64) * (TILES * BLOCK)
+    if PREFETCH:
+        x_next, up_next, g_next = _load_tile(a_ptr, g_ptr, start, n, True, SWIGLU, PAIRS, EVEN, BLOCK)
+    c_lo, c_hi, s, _ = load_clip(clip_ptr, n_steps)
+    s = _acc_scale(c_lo, c_hi, s)
+    if PAIRS:
+        acc_a = _neg_zeros([BLOCK // 2, 2])
+        acc_b = _neg_zeros([BLOCK // 2, 2])
+        acc_d = _neg_zeros([BLOCK // 2, 2])
+    else:
+        acc_a = _neg_zeros([BLOCK])
+        acc_b = _neg_zeros([BLOCK])
+        acc_d = _neg_zeros([BLOCK])
+    for t in range(TILES):
+        tile = start + t * BLOCK
+        if PREFETCH:
+            x, up, g = x_next, up_next, g_next
+            x_next, up_next, g_next = _load_tile(a_ptr, g_ptr, tile + BLOCK, n, t + 1 < TILES, SWIGLU, PAIRS,
+                                                 EVEN, BLOCK)
         else:
-            tl.store(da_ptr + offs, dx.to(da_ptr.dtype.element_ty), mask=mask)
-        acc_lo += to_lo
-        acc_hi += to_hi
+            x, up, g = _load_tile(a_ptr, g_ptr, tile, n, True, SWIGLU, PAIRS, EVEN, BLOCK)
+        y, dy = _gated(x, SWIGLU, ASM)
+        dh, acc_a, acc_b, acc_d = _quantize_grad_acc(y * up, g, c_lo, c_hi, s, acc_a, acc_b, acc_d)
+        _store_tile(da_ptr, tile, n, dh * up * dy, dh * y, SWIGLU, PAIRS, EVEN, BLOCK)
+    lo, hi = _finish_clip_sums(acc_a, acc_b, acc_d, inv_n, BLOCK)
     pid = tl.program_id(0)
-    tl.store(partial_ptr + pid, tl.sum(acc_lo, axis=0))
-    tl.store(partial_ptr + tl.num_programs(0) + pid, tl.sum(acc_hi, axis=0))
+    tl.store(partial_ptr + pid, lo)
+    tl.store(partial_ptr + tl.num_programs(0) + pid, hi)
 
 
 def _out_shape(a, swiglu):
@@ -194,15 +273,23 @@ def _forward_triton(a, clip, bits, swiglu, clipped=None, block=_FWD_BLOCK, num_w
     return out
 
 
-def _backward_triton(a, g, clip, bits, swiglu, block=_BWD_BLOCK, tiles=_BWD_TILES, num_warps=None):
-    """a contiguous; g the gradient of x_hat. Launch settings as in _forward_triton."""
+def _backward_triton(a, g, clip, bits, swiglu, block=_BWD_BLOCK, tiles=None, num_warps=None,
+                     prefetch=_BWD_PREFETCH, pairs=True, trigger=True):
+    """a contiguous; g the gradient of x_hat. Launch settings as in _forward_triton (None: the
+    measured default for the kind); pairs: GELU reads bf16 as 32-bit words where it can; trigger
+    (on CUDA): the programs let the second stage launch early (gdc_launch_dependents)."""
     g = g.contiguous()
     da = torch.empty_like(a)
     n = g.numel()
+    tiles = tiles or _BWD_TILES[swiglu]
     grid = (triton.cdiv(n, block * tiles),)
     partials = torch.empty(2, grid[0], dtype=torch.float32, device=a.device)
-    _bwd_kernel[grid](a, g, clip, da, partials, n, float(2 ** bits - 1), SWIGLU=swiglu, TILES=tiles,
-                      BLOCK=block, num_warps=num_warps or _BWD_WARPS[swiglu])
+    pairs = (pairs and not swiglu and n % 2 == 0 and a.dtype == g.dtype == torch.bfloat16
+             and a.data_ptr() % 4 == 0 and g.data_ptr() % 4 == 0)
+    _bwd_kernel[grid](a, g, clip, da, partials, n, float(2 ** bits - 1), _inv_steps(bits), SWIGLU=swiglu,
+                      PAIRS=pairs, EVEN=n % (block * tiles) == 0, ASM=a.is_cuda, PREFETCH=prefetch,
+                      TRIGGER=trigger and a.is_cuda, TILES=tiles, BLOCK=block,
+                      num_warps=num_warps or _BWD_WARPS[swiglu])
     return da, clip_grad_from_partials(partials, clip.dtype)
 
 

@@ -21,9 +21,12 @@ channels (the attention output permuted to [s, b, h] is one), so that layout cha
 Inverted clips (c_hi <= c_lo) make the outputs NaN rather than raise: a check on the host would
 synchronize every call, one on the device costs launches; the trainer reports the NaN step.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _IMPLS = (None, "triton", "torch")
@@ -32,12 +35,19 @@ MAX_BITS = 16  # keeps z below 2^22, where the magic-number rounding below is ex
 # interpreter fallback, and this is exact on both).
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 _TILE = 4096            # elements per program and tile
-# Backward: row tiles per program (their clip shares are summed in registers before one reduction)
-# and warps: 1 and 8 measured best on H200 (bench/kernels_sweep.py: 0.82 / 0.93 of a device copy at
-# 16384 x 2048 / 8192, where more tiles per program gained nothing).
+# Backward launch settings, measured on one H200 (bf16, CUDA-graph replay, the committed kernel
+# beside it in .scratch/bwd/bench.py): 4096 elements per program (one tile) on 8 warps: 0.0516 ms =
+# 0.96 of a device copy at 16384 x 2048 contiguous (was 0.0643 ms = 0.77), 0.0523 ms = 0.95 on the
+# attention-output layout (was 0.0656 = 0.76), 0.196-0.200 ms = 0.96 at 16384 x 8192 (was 0.93).
+# 4 warps measured the same, 2048-element programs 1-2% slower, 8192-16384 5-10%; more tiles per
+# program (prefetched, unrolled) 15-25% slower (registers), so TILES stays 1 (kept for the sweep).
+# Of the 12.7 us gained at 2048: ~1.3 us from the second stage's PDL launch and early trigger.
+_BWD_BLOCK = 4096
 _BWD_TILES = 1
 _BWD_WARPS = 8
-_REDUCE_BLOCK = 8192    # second stage: one pass per 8192 partials
+# Second stage: one program, one pass per 8192 partials, 16 warps (1.8 us alone for 8192 partials).
+_REDUCE_BLOCK = 8192
+_REDUCE_WARPS = 16
 
 
 def resolve_impl(impl, x: torch.Tensor) -> str:
@@ -149,26 +159,92 @@ def is_clipped(v, c_lo, c_hi):
 
 
 @triton.jit
-def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, BLOCK: tl.constexpr):
-    """Second reduction stage over (2, n) partials: one program, fixed order, bitwise repeatable."""
-    acc_lo = tl.zeros([BLOCK], dtype=tl.float32)
-    acc_hi = tl.zeros([BLOCK], dtype=tl.float32)
+def _acc_scale(c_lo, c_hi, s):
+    """The s that _quantize_grad_acc takes: load_clip's, but 0 for inverted clips (c_hi <= c_lo,
+    where s is NaN), so that r stays finite there; still NaN for NaN clips."""
+    return tl.where(c_hi <= c_lo, 0.0, s)
+
+
+@triton.jit
+def _quantize_grad_acc(v, g, c_lo, c_hi, s, acc_a, acc_b, acc_d):
+    """quantize_grad for a tile with its clip shares added to three accumulators, in fewer
+    instructions per element: returns (dv, acc_a, acc_b, acc_d) with dv bitwise quantize_grad's,
+    and dc_lo = sum(acc_b) - sum(acc_d) / n, dc_hi = sum(acc_a) + sum(acc_d) / n
+    (:func:`_finish_clip_sums`). s: :func:`_acc_scale`.
+
+    acc_a / acc_b get g beyond either clip (one select each); acc_d gets r * dv, r = round(z) - z,
+    in one FFMA: r is finite wherever dv = 0, so that dv masks it, and the 1 / n is applied per
+    program. The sums are quantize_grad's up to fp32 rounding, NaN where they are NaN, except with
+    inverted clips and NaN inputs at once (finite here; NaN outputs there anyway) and clips closer
+    than n / FLT_MAX (s = inf)."""
+    above = v >= c_hi
+    below = v <= c_lo
+    inside = ~(above | below)
+    z = (tl.minimum(tl.maximum(v, c_lo), c_hi) - c_lo) * s
+    dv = tl.where(inside, g, 0.0)
+    acc_d += (((z + _ROUND_MAGIC) - _ROUND_MAGIC) - z) * dv
+    acc_a += tl.where(above, g, 0.0)
+    acc_b += tl.where(below, g, 0.0)
+    return dv, acc_a, acc_b, acc_d
+
+
+@triton.jit
+def _neg_zeros(SHAPE: tl.constexpr):
+    """fp32 -0.0 (bitcast: tl.full makes -0.0 a +0.0): -0.0 + x is x, so a first add folds away."""
+    return tl.full(SHAPE, -2147483648, dtype=tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _add_pairs(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _finish_clip_sums(acc_a, acc_b, acc_d, inv_n, N: tl.constexpr):
+    """(dc_lo, dc_hi) of a program from _quantize_grad_acc's N-element accumulators: one joint
+    cross-warp reduction of the two sums (a fixed order)."""
+    d = acc_d * inv_n
+    to_lo = tl.reshape(acc_b - d, [N], can_reorder=True)
+    to_hi = tl.reshape(acc_a + d, [N], can_reorder=True)
+    return tl.reduce((to_lo, to_hi), 0, _add_pairs)
+
+
+@triton.jit
+def _sum_partials_kernel(partial_ptr, out_ptr, n_partials, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """Second reduction stage over (2, n) partials: one program, fixed order, bitwise repeatable.
+    PDL: launched as a programmatic dependent of the kernel that wrote the partials, it waits for
+    that grid's completion here (its launch overlaps the first stage's tail)."""
+    if PDL:
+        gdc_wait()
+    acc = tl.zeros([2, BLOCK], dtype=tl.float32)
+    row = tl.arange(0, 2)[:, None] * n_partials
     start = 0
     while start < n_partials:  # not range(): the interpreter cannot iterate to a runtime bound
-        idx = start + tl.arange(0, BLOCK)
-        mask = idx < n_partials
-        acc_lo += tl.load(partial_ptr + idx, mask=mask, other=0.0)
-        acc_hi += tl.load(partial_ptr + n_partials + idx, mask=mask, other=0.0)
+        idx = start + tl.arange(0, BLOCK)[None, :]
+        acc += tl.load(partial_ptr + row + idx, mask=idx < n_partials, other=0.0)
         start += BLOCK
-    tl.store(out_ptr, tl.sum(acc_lo, axis=0).to(out_ptr.dtype.element_ty))
-    tl.store(out_ptr + 1, tl.sum(acc_hi, axis=0).to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + tl.arange(0, 2), tl.sum(acc, axis=1).to(out_ptr.dtype.element_ty))
+
+
+def _clip_grad_from_partials(partials, dtype, block=_REDUCE_BLOCK, num_warps=_REDUCE_WARPS, pdl=None):
+    """clip_grad_from_partials with its launch settings. pdl (default: on CUDA): launched as a
+    programmatic dependent launch of the kernel before it in the stream, which wrote the partials
+    or waited for the kernel that did (every normally launched kernel has): gdc_wait waits for that
+    grid's completion and its memory, and the launch overlaps that kernel's tail, worth ~1.3 us per
+    backward on H200 with the first stage's early trigger."""
+    out = torch.empty(2, dtype=dtype, device=partials.device)
+    n = partials.shape[1]
+    block = min(block, max(triton.next_power_of_2(n), 32 * num_warps))
+    if partials.is_cuda if pdl is None else pdl:   # no inline asm (gdc_wait) in the interpreter
+        _sum_partials_kernel[(1,)](partials, out, n, BLOCK=block, PDL=True, num_warps=num_warps, launch_pdl=True)
+    else:
+        _sum_partials_kernel[(1,)](partials, out, n, BLOCK=block, num_warps=num_warps)
+    return out
 
 
 def clip_grad_from_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(dc_lo, dc_hi) in `dtype` from fp32 partial sums laid out (2, n_programs)."""
-    out = torch.empty(2, dtype=dtype, device=partials.device)
-    _sum_partials_kernel[(1,)](partials, out, partials.shape[1], BLOCK=_REDUCE_BLOCK, num_warps=16)
-    return out
+    return _clip_grad_from_partials(partials, dtype)
 
 
 def add_clipped(clipped, counts: torch.Tensor) -> None:
@@ -226,32 +302,99 @@ def _fwd_kernel(x_ptr, clip_ptr, out_ptr, count_ptr, n_rows, n_cols, n_j, stride
 
 
 @triton.jit
-def _bwd_kernel(x_ptr, g_ptr, clip_ptr, dx_ptr, partial_ptr, n_rows, n_cols, n_j,
-                x_stride_i, x_stride_j, dx_stride_i, dx_stride_j, n_steps,
-                TILES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx for TILES row tiles, and the program's partial sums of dc_lo, dc_hi at partial_ptr[0, pid]
-    and [1, pid]: the shares are summed in registers, so there is one cross-warp reduction per
-    program and sum, not per tile."""
-    c_lo, c_hi, s, _ = load_clip(clip_ptr, n_steps)
-    inv_n = tl.math.div_rn(1.0, n_steps)
+def _ld(ptr, mask, EVEN: tl.constexpr):
+    if EVEN:
+        return tl.load(ptr)
+    else:
+        return tl.load(ptr, mask=mask, other=0.0)
+
+
+@triton.jit
+def _bwd_offsets(tile, cols, n, n_rows, n_cols, n_j, magic, shift, x_stride_i, x_stride_j, dx_stride_i,
+                 dx_stride_j, LAYOUT: tl.constexpr, EVEN: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
+    """Offsets of x, g and dx, and the mask (unused when EVEN), of row tile `tile` ([BLOCK_R,
+    BLOCK_C], columns `cols`). LAYOUT 0: x, g and dx contiguous, the tile is BLOCK_C consecutive
+    elements (BLOCK_R = 1); 1: rows at r * stride_j; 2: rows r = (i, j) at i * stride_i + j * stride_j,
+    i = r // n_j by a multiply-high (magic, shift: _divider): no division. Rows are int32 (the host
+    checks), offsets int64."""
+    if LAYOUT == 0:
+        base = tile.to(tl.int64) * BLOCK_C
+        off = base + cols[None, :]
+        return off, off, off, cols[None, :] < (n - base)
+    else:
+        rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        if LAYOUT == 1:
+            i = tl.zeros_like(rows)
+            j = rows
+        else:
+            i = (tl.umulhi(rows.to(tl.uint32), magic.to(tl.uint32)) >> shift.to(tl.uint32)).to(tl.int32)
+            j = rows - i * n_j
+        i = i.to(tl.int64)
+        j = j.to(tl.int64)
+        x_off = (i * x_stride_i + j * x_stride_j)[:, None] + cols[None, :]
+        dx_off = (i * dx_stride_i + j * dx_stride_j)[:, None] + cols[None, :]
+        g_off = (rows.to(tl.int64) * n_cols)[:, None] + cols[None, :]
+        return x_off, g_off, dx_off, (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+
+
+@triton.jit(do_not_specialize=["magic", "shift"])
+def _bwd_kernel(x_ptr, g_ptr, clip_ptr, dx_ptr, partial_ptr, n, n_rows, n_cols, n_j, magic, shift,
+                x_stride_i, x_stride_j, dx_stride_i, dx_stride_j, n_steps, inv_n,
+                LAYOUT: tl.constexpr, EVEN: tl.constexpr, TRIGGER: tl.constexpr, TILES: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx for TILES row tiles (n elements in all), and the program's partial sums of dc_lo, dc_hi at
+    partial_ptr[0, pid] and [1, pid]: the shares are summed in registers, so there is one joint
+    cross-warp reduction per program, not per tile. Each tile's loads are issued before the previous
+    tile's math, the first before the clip is read (its latency, and the division behind s, overlap
+    the loads)."""
+    if TRIGGER:   # the second stage may launch (and wait in gdc_wait) once every program has started
+        gdc_launch_dependents()
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < n_cols
-    acc_lo = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    acc_hi = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
-    for t in range(TILES):
-        rows = (tl.program_id(0).to(tl.int64) * TILES + t) * BLOCK_R + tl.arange(0, BLOCK_R)
-        mask = (rows < n_rows)[:, None] & col_mask[None, :]
-        v = tl.load(x_ptr + _row_offsets(rows, n_j, x_stride_i, x_stride_j)[:, None] + cols[None, :],
-                    mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dv, to_lo, to_hi = quantize_grad(v, g, c_lo, c_hi, s, inv_n)
-        tl.store(dx_ptr + _row_offsets(rows, n_j, dx_stride_i, dx_stride_j)[:, None] + cols[None, :],
-                 dv.to(dx_ptr.dtype.element_ty), mask=mask)
-        acc_lo += to_lo
-        acc_hi += to_hi
+    tile = tl.program_id(0) * TILES
+    x_off, g_off, dx_off, mask = _bwd_offsets(tile, cols, n, n_rows, n_cols, n_j, magic, shift, x_stride_i,
+                                              x_stride_j, dx_stride_i, dx_stride_j, LAYOUT, EVEN, BLOCK_R, BLOCK_C)
+    v_next = _ld(x_ptr + x_off, mask, EVEN)
+    g_next = _ld(g_ptr + g_off, mask, EVEN)
+    c_lo, c_hi, s, _ = load_clip(clip_ptr, n_steps)
+    s = _acc_scale(c_lo, c_hi, s)
+    acc_a = _neg_zeros([BLOCK_R, BLOCK_C])
+    acc_b = _neg_zeros([BLOCK_R, BLOCK_C])
+    acc_d = _neg_zeros([BLOCK_R, BLOCK_C])
+    for t in tl.static_range(TILES):
+        v = v_next.to(tl.float32)
+        g = g_next.to(tl.float32)
+        store_off, store_mask = dx_off, mask
+        if t + 1 < TILES:
+            x_off, g_off, dx_off, mask = _bwd_offsets(tile + t + 1, cols, n, n_rows, n_cols, n_j, magic, shift,
+                                                      x_stride_i, x_stride_j, dx_stride_i, dx_stride_j, LAYOUT,
+                                                      EVEN, BLOCK_R, BLOCK_C)
+            v_next = _ld(x_ptr + x_off, mask, EVEN)
+            g_next = _ld(g_ptr + g_off, mask, EVEN)
+        dv, acc_a, acc_b, acc_d = _quantize_grad_acc(v, g, c_lo, c_hi, s, acc_a, acc_b, acc_d)
+        if EVEN:
+            tl.store(dx_ptr + store_off, dv.to(dx_ptr.dtype.element_ty))
+        else:
+            tl.store(dx_ptr + store_off, dv.to(dx_ptr.dtype.element_ty), mask=store_mask)
+    lo, hi = _finish_clip_sums(acc_a, acc_b, acc_d, inv_n, BLOCK_R * BLOCK_C)
     pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    tl.store(partial_ptr + pid, tl.sum(tl.sum(acc_lo, axis=1), axis=0))
-    tl.store(partial_ptr + tl.num_programs(0) * tl.num_programs(1) + pid, tl.sum(tl.sum(acc_hi, axis=1), axis=0))
+    tl.store(partial_ptr + pid, lo)
+    tl.store(partial_ptr + tl.num_programs(0) * tl.num_programs(1) + pid, hi)
+
+
+def _divider(d):
+    """(magic, shift) with r // d == umulhi(r, magic) >> shift for 0 <= r < 2^31, 2 <= d < 2^31
+    (Granlund & Montgomery's round-up method: magic = ceil(2^(31 + l) / d) < 2^32, l = ceil(log2 d))."""
+    if not 2 <= d < 2 ** 31:
+        raise ValueError(f"divisor {d} out of range")
+    l = (d - 1).bit_length()
+    return -(-(1 << (31 + l)) // d), l - 1
+
+
+@functools.lru_cache(maxsize=None)
+def _inv_steps(bits):
+    """1 / (2^bits - 1) rounded once to fp32, as div_rn(1.0, n_steps) in the kernels."""
+    return torch.tensor(1.0).div(float(2 ** bits - 1)).item()
 
 
 def _as_rows(x):
@@ -277,8 +420,9 @@ def _forward_triton(x, clip, bits, clipped=None):
     return out
 
 
-def _backward_triton(x, g, clip, bits, tiles=_BWD_TILES, num_warps=_BWD_WARPS):
-    """Launch settings are arguments only so that bench/kernels_sweep.py can tune them."""
+def _backward_triton(x, g, clip, bits, tiles=_BWD_TILES, num_warps=_BWD_WARPS, block=_BWD_BLOCK, trigger=True):
+    """Launch settings are arguments only so that bench/kernels_sweep.py can tune them. trigger (on
+    CUDA): the programs let the second stage launch early (gdc_launch_dependents)."""
     x, (n_i, n_j, x_stride_i, x_stride_j) = _as_rows(x)
     g = g.contiguous()
     dx = torch.empty_like(x)   # x's strides when x is dense, as the producer's own gradient would be
@@ -286,12 +430,25 @@ def _backward_triton(x, g, clip, bits, tiles=_BWD_TILES, num_warps=_BWD_WARPS):
     dx_stride_i, dx_stride_j = ((x_stride_i, x_stride_j) if dx.stride() == x.stride()
                                 else (n_j * n_cols, n_cols))
     n_rows = n_i * n_j
-    block_r, block_c = _tile(n_cols)
-    grid = (triton.cdiv(n_rows, block_r * tiles), triton.cdiv(n_cols, block_c))
+    n = n_rows * n_cols
+    if n_rows + block * tiles >= 2 ** 31:   # row indices are int32
+        raise ValueError(f"fake_quant: {n_rows} rows, more than the backward kernel indexes")
+    if n_i == 1 and x.is_contiguous() and dx.is_contiguous():   # one flat range (g is contiguous)
+        layout, block_r, block_c = 0, 1, block
+        grid = (triton.cdiv(n, block * tiles), 1)
+        even = n % (block * tiles) == 0
+    else:
+        layout = 1 if n_i == 1 else 2
+        block_c = min(triton.next_power_of_2(n_cols), block)
+        block_r = max(1, block // block_c)
+        grid = (triton.cdiv(n_rows, block_r * tiles), triton.cdiv(n_cols, block_c))
+        even = n_rows % (block_r * tiles) == 0 and n_cols % block_c == 0
+    magic, shift = _divider(n_j) if layout == 2 else (0, 0)
     partials = torch.empty(2, grid[0] * grid[1], dtype=torch.float32, device=x.device)
-    _bwd_kernel[grid](x, g, clip, dx, partials, n_rows, n_cols, n_j, x_stride_i, x_stride_j,
-                      dx_stride_i, dx_stride_j, float(2 ** bits - 1), TILES=tiles, BLOCK_R=block_r,
-                      BLOCK_C=block_c, num_warps=num_warps)
+    _bwd_kernel[grid](x, g, clip, dx, partials, n, n_rows, n_cols, n_j, magic, shift, x_stride_i, x_stride_j,
+                      dx_stride_i, dx_stride_j, float(2 ** bits - 1), _inv_steps(bits), LAYOUT=layout,
+                      EVEN=even, TRIGGER=trigger and x.is_cuda, TILES=tiles, BLOCK_R=block_r, BLOCK_C=block_c,
+                      num_warps=num_warps)
     return dx, clip_grad_from_partials(partials, clip.dtype)
 
 

@@ -226,17 +226,51 @@ def test_backward_takes_clips_in_the_engines_dtype(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_backward_many_programs(kind):
-    """Hundreds of partial sums over several tiles per program and a ragged last tile."""
+    """Hundreds of partial sums over several tiles per program and a ragged last tile, with and
+    without the next tile's prefetch and (GELU) bf16 read as 32-bit words."""
     a = _inputs((4001, 6), torch.bfloat16, seed=9)
     g = _grad_like(torch.empty(_out_shape(a.shape, kind), dtype=a.dtype), seed=10)
     clip = _clip()
     ar = a.clone().requires_grad_()
     act_fake_quant(ar, kind, clip, BITS, impl="torch").backward(g)
     tol = 1e-5 * g.double().abs().sum().item()
-    for tiles in (1, 3):
-        da, dclip = _backward_triton(a, g, clip.detach(), BITS, kind == "swiglu", block=64, tiles=tiles)
+    for tiles, prefetch, pairs in ((1, False, True), (3, False, True), (3, True, True), (4, True, False)):
+        da, dclip = _backward_triton(a, g, clip.detach(), BITS, kind == "swiglu", block=64, tiles=tiles,
+                                     prefetch=prefetch, pairs=pairs)
         torch.testing.assert_close(da, ar.grad, rtol=_ulp(a.dtype), atol=1e-5)
         assert (dclip - clip.grad).abs().max() <= tol
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_odd_sizes_and_offsets(kind):
+    """bf16 inputs that cannot be read as 32-bit words (odd size, odd element offset) take the
+    per-element path, with the same results."""
+    base = _inputs(2 * 3001 + 2, torch.bfloat16, seed=22)
+    for a in (base[:2 * 3001], base[1:2 * 3001 + 1], base[:2 * 3001 - 1 if kind == "gelu" else 2 * 3001]):
+        a = a.view(1, -1)
+        g = _grad_like(torch.empty(_out_shape(a.shape, kind), dtype=a.dtype), seed=23)
+        ref = _backward_triton(a.clone(), g, _clip().detach(), BITS, kind == "swiglu", block=256, pairs=False)
+        out = _backward_triton(a, g, _clip().detach(), BITS, kind == "swiglu", block=256)
+        assert torch.equal(out[0], ref[0])
+        torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-5 * g.double().abs().sum().item())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_backward_inverted_clips(kind):
+    """No inside elements: da = 0, and each clip gets the gradient beyond it, as in the reference."""
+    a = _inputs((37, 130), torch.float32, seed=24)
+    g = _grad_like(torch.empty(_out_shape(a.shape, kind)), seed=25)
+    for lo, hi in ((1.0, -1.0), (0.5, 0.5)):
+        clip = torch.tensor([lo, hi])
+        ref = _ref_backward(a, g, clip, kind)
+        out = _backward_triton(a, g, clip, BITS, kind == "swiglu")
+        assert torch.equal(out[0].abs(), ref[0].abs()) and out[1].isfinite().all()
+        torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-5 * g.abs().sum().item())
+
+
+def _ref_backward(a, g, clip, kind):
+    from kernels.act_quant import _backward_torch
+    return _backward_torch(a, g, clip, BITS, kind == "swiglu")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kernels import fake_quant, fake_quant_backward, fake_quant_forward
-from kernels.fake_quant import _backward_triton, _sum_partials_kernel
+from kernels.fake_quant import _backward_triton, _divider, _sum_partials_kernel
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IMPLS = ["torch", "triton"]
@@ -158,16 +158,36 @@ def test_fake_quant_counts_clipped_inputs():
 
 
 def test_fake_quant_backward_many_programs():
-    """Hundreds of partial sums over several tiles per program and a ragged last tile."""
-    x = _straddling((4001, 5), torch.bfloat16, seed=13)   # 5 channels: 512 rows per tile
+    """Many partial sums over several tiles per program and ragged last tiles, in each of the
+    backward's layouts: one flat range, rows of one strided dim, rows of two strided dims."""
+    x = _straddling((4001, 5), torch.bfloat16, seed=13)
     g = torch.randn(x.shape, generator=torch.Generator().manual_seed(14)).to(x.dtype)
     clip = _clip()
-    ref_dx, ref_dclip = fake_quant_backward(x, g, clip, BITS, impl="torch")
-    for tiles in (1, 3):
-        dx, dclip = _backward_triton(x, g, clip.detach(), BITS, tiles=tiles)
-        assert torch.equal(dx, ref_dx)
-        tol = 1e-5 * g.double().abs().sum().item()
-        assert (dclip - ref_dclip).abs().max() <= tol
+    gen = torch.Generator().manual_seed(16)
+    wide = _straddling((301, 48), torch.bfloat16, seed=17)
+    o = _straddling((3, 67, 2, 24), torch.bfloat16, seed=18)
+    cases = {"flat": x, "rows": wide[:, 3:43], "two row dims": o.permute(1, 0, 2, 3).flatten(2)}
+    for name, xs in cases.items():
+        gs = g if xs is x else torch.randn(xs.shape, generator=gen).to(xs.dtype)
+        ref_dx, ref_dclip = fake_quant_backward(xs, gs, clip, BITS, impl="torch")
+        tol = 1e-5 * gs.double().abs().sum().item()
+        for tiles, block in ((1, 4096), (3, 4096), (2, 256)):
+            dx, dclip = _backward_triton(xs, gs, clip.detach(), BITS, tiles=tiles, block=block)
+            assert torch.equal(dx, ref_dx) and dx.stride() == ref_dx.stride(), (name, tiles, block)
+            assert (dclip - ref_dclip).abs().max() <= tol, (name, tiles, block)
+
+
+def test_divider_matches_floor_division():
+    """The backward's row split r = (i, j) divides by a multiply-high: exact for every int32 r."""
+    rows = torch.cat([torch.arange(0, 70000), torch.randint(0, 2 ** 31, (20000,),
+                                                            generator=torch.Generator().manual_seed(19)),
+                      torch.tensor([2 ** 31 - 1, 2 ** 31 - 2, 2 ** 30, 2 ** 30 - 1])]).tolist()
+    for d in [*range(2, 70), 96, 127, 128, 255, 1000, 2048, 4095, 65537, 2 ** 30 + 1, 2 ** 31 - 1]:
+        magic, shift = _divider(d)
+        assert 0 < magic < 2 ** 32
+        extra = [k * d + e for k in (1, 2, 1000, (2 ** 31 - 1) // d) for e in (-1, 0, 1)]
+        for r in rows + [v for v in extra if 0 <= v < 2 ** 31]:
+            assert ((r * magic) >> 32) >> shift == r // d, (r, d)
 
 
 def test_sum_partials_loops_over_many_partials():
@@ -188,6 +208,18 @@ def test_fake_quant_backward_bitwise_repeatable():
         assert torch.equal(a, b)
     assert torch.equal(fake_quant_forward(x, clip, BITS, impl="triton"),
                        fake_quant_forward(x, clip, BITS, impl="triton"))
+
+
+def test_fake_quant_backward_inverted_clips():
+    """No inside elements: dx = 0, and each clip gets the gradient of the elements beyond it (those
+    between c_hi and c_lo count for both), as in the reference."""
+    x = _straddling((37, 129), torch.float32, seed=20)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(21))
+    for lo, hi in ((1.0, -1.0), (0.5, 0.5)):
+        ref = fake_quant_backward(x, g, _clip(lo, hi), BITS, impl="torch")
+        out = fake_quant_backward(x, g, _clip(lo, hi), BITS, impl="triton")
+        assert torch.equal(out[0], ref[0]) and out[1].isfinite().all()
+        torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-5 * g.abs().sum().item())
 
 
 def test_fake_quant_inverted_clips_give_nan():
