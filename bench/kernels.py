@@ -100,6 +100,43 @@ def check_agreement(inp, impl):
     return report
 
 
+def _quantize64(v, clip):
+    lo, hi = clip.double()
+    s = (2 ** BITS - 1) / (hi - lo)
+    return torch.round((torch.clamp(v, lo, hi) - lo) * s) / s + lo
+
+
+def check_float64(device, impl):
+    """Each kernel's forward on odd shapes in fp32 / fp16 / bf16 against the float64 definition:
+    the largest error in grid steps (one step where fp32 rounding meets a rounding tie) and the
+    fraction of elements off by any step; kurtosis as relative error."""
+    gen = torch.Generator(device).manual_seed(1)
+    clip = torch.tensor(CLIP, device=device)
+    step = (clip[1] - clip[0]).item() / (2 ** BITS - 1)
+    report = {}
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = (torch.randn(1001, 2050, generator=gen, device=device) * 2).to(dtype)
+        w = (1 + 0.1 * torch.randn(2050, generator=gen, device=device)).to(dtype)
+        a = (torch.randn(1001, 8200, generator=gen, device=device) * 2).to(dtype)
+        x64, w64, a64 = x.double(), w.double(), a.double()
+        cases = {
+            "fake_quant": (fake_quant(x, clip, BITS, impl=impl), _quantize64(x64, clip)),
+            "norm_fake_quant": (norm_fake_quant(x, w, None, EPS, "layernorm", clip, BITS, impl=impl),
+                                _quantize64(F.layer_norm(x64, (2050,), w64, None, EPS), clip)),
+            "act_fake_quant gelu": (act_fake_quant(a, "gelu", clip, BITS, impl=impl),
+                                    _quantize64(F.gelu(a64, approximate="tanh"), clip)),
+        }
+        for name, (out, ref) in cases.items():
+            steps = ((out.double() - ref).abs() / step)
+            report[f"{name} {dtype}"] = {"max_steps": round(steps.max().item(), 3),
+                                         "frac_off": (steps > 0.5).double().mean().item()}
+        kappa, _ = token_kurtosis_stats(x, impl=impl)
+        d = x64 - x64.mean(-1, keepdim=True)
+        kappa64 = (d ** 4).mean(-1) / ((d ** 2).mean(-1) ** 2 + 1e-20)
+        report[f"kurtosis {dtype}"] = {"max_rel": ((kappa.double() - kappa64).abs() / kappa64).max().item()}
+    return report
+
+
 def _bench(fn):
     """(GPU ms, eager ms): the GPU time from CUDA-graph replays (no host launch cost: the kernels'
     own speed) and the time of plain eager calls, which the host's launch cost can bound."""
@@ -165,12 +202,15 @@ def main():
         impl = "triton" if os.environ.get("TRITON_INTERPRET") == "1" else "torch"
         report = check_agreement(make_inputs(64, 96, 384, "cpu"), impl)
         print(f"dry run on CPU ({impl} vs torch): {json.dumps(report, indent=1)}")
+        print(f"{impl} vs float64: {json.dumps(check_float64('cpu', impl), indent=1)}")
         return
 
     inp = make_inputs(TOKENS, HIDDEN, FFN, "cuda")
     report = {"device": torch.cuda.get_device_name(), "tokens": TOKENS, "dtype": str(DTYPE), "bits": BITS,
               "agreement": check_agreement(inp, "triton"), "timings": []}
     print(f"Triton vs PyTorch reference: {json.dumps(report['agreement'], indent=1)}")
+    report["float64"] = check_float64("cuda", "triton")
+    print(f"Triton vs float64 (odd shapes, three dtypes): {json.dumps(report['float64'], indent=1)}")
     rows = time_kernels(inp)
     copy_gbps = {nbytes: moved / ms[0] / 1e6 for name, ms, moved, nbytes, _ in rows if name.startswith("copy")}
     print(f"\n{report['device']}, {TOKENS} tokens, bf16")
