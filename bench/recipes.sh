@@ -3,6 +3,7 @@
 # recipe from the same data and seed, then W16A16 and W4A4 (RTN 4-bit weights) WikiText-2 / C4
 # perplexity. Usage: bench/recipes.sh CORPUS_DIR [STEPS] [RECIPE...]; CORPUS_DIR holds
 # jsonl(.xz) training shards and valid.jsonl.xz. Results: runs/recipes/<recipe>/eval.json.
+# TRAIN_ARGS (environment) are appended to every training command, e.g. "--qat.init_value 2.0".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CORPUS=$1; STEPS=${2:-300}; shift $(( $# < 2 ? $# : 2 ))
@@ -32,7 +33,7 @@ for r in $RECIPES; do
       --optim.lr 1.0e-3 --optim.min_lr 1.0e-4 --train.eval_interval 0 --train.log_interval 50 \
       --checkpoint.interval 0 --checkpoint.resume none --train.out_dir $out \
       --data.paths "[$D/train]" --data.valid_paths "[$D/valid]" --data.tokenizer $D/tokenizer.model \
-      --qat.enabled $q --qat.init $init --kurtosis.enabled $k --kurtosis.lambda $lam 2>&1 | grep -E "step [0-9]+/|valid loss|Error|error" 
+      --qat.enabled $q --qat.init $init --kurtosis.enabled $k --kurtosis.lambda $lam ${TRAIN_ARGS:-} 2>&1 | grep -E "step [0-9]+/|valid loss|Error|error" 
   python -m quant.evaluate --checkpoint $out --configs W16A16 W4A4 --tasks --ppl-windows 64 \
       --output $out/eval.json 2>&1 | grep -vE "^\[|warn" | tail -4
 done
