@@ -32,7 +32,7 @@ class QATConfig:
     enabled: bool = False
     bits: int = 4                    # activation bits (2..8)
     init: str = "constant"           # constant: clips at -init_value, +init_value | batch: min/max of the first batch
-    init_value: float = 4.0          # the source paper's constant (used by init=constant)
+    init_value: float = 2.0          # init=constant: clips at +-init_value; 2 beat the paper's 4 (docs/benchmarks.md)
     start_step: int = 0              # quantization is off before this optimizer step
     layers: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])  # of: qkv proj fc1 fc2 output (LM head)
 
