@@ -6,9 +6,9 @@ Forward:  s = n / (c_hi - c_lo),  z = (clamp(x, c_lo, c_hi) - c_lo) * s,
 Backward: the exact derivative of the straight-through surrogate
           x_hat = clamp(x, c_lo, c_hi) + r / s with r = round(z) - z held constant.
 
-The math lives in three Triton helpers that every fused kernel of this package shares
-(:func:`load_clip`, :func:`quantize`, :func:`quantize_grad`), beside PyTorch twins of the same
-fp32 operations (:func:`quantize_torch`, :func:`quantize_grad_torch`); kernels that fuse the
+The math lives in Triton helpers that the fused kernels of this package share (:func:`load_clip`,
+:func:`quantize`, and for the backward :func:`_quantize_grad_acc`), beside PyTorch twins of the
+same fp32 operations (:func:`quantize_torch`, :func:`quantize_grad_torch`); kernels that fuse the
 quantizer into its producer (``kernels.norm_quant``, ``kernels.act_quant``) are built from them.
 Clip gradients are summed per program, then by :func:`clip_grad_from_partials` in a fixed order:
 deterministic, no atomics. Divisions are per program, not per element (IEEE division would cost
@@ -142,18 +142,6 @@ def quantize(v, c_lo, c_hi, s, step):
 
 
 @triton.jit
-def quantize_grad(v, g, c_lo, c_hi, s, inv_n):
-    """(dv, to_lo, to_hi): the input gradient and each element's share of dc_lo and dc_hi, to be
-    summed. Masked-off lanes must carry g = 0 (their shares are then 0)."""
-    above = v >= c_hi
-    below = v <= c_lo
-    inside = ~(above | below)
-    z = (tl.minimum(tl.maximum(v, c_lo), c_hi) - c_lo) * s
-    delta_g = tl.where(inside, (((z + _ROUND_MAGIC) - _ROUND_MAGIC) - z) * inv_n * g, 0.0)
-    return tl.where(inside, g, 0.0), tl.where(below, g, -delta_g), tl.where(above, g, delta_g)
-
-
-@triton.jit
 def is_clipped(v, c_lo, c_hi):
     return (v < c_lo) | (v > c_hi)
 
@@ -167,14 +155,15 @@ def _acc_scale(c_lo, c_hi, s):
 
 @triton.jit
 def _quantize_grad_acc(v, g, c_lo, c_hi, s, acc_a, acc_b, acc_d):
-    """quantize_grad for a tile with its clip shares added to three accumulators, in fewer
-    instructions per element: returns (dv, acc_a, acc_b, acc_d) with dv bitwise quantize_grad's,
+    """The quantizer backward (quantize_grad_torch's math) for a tile, its clip shares added to three
+    accumulators in few instructions per element: returns (dv, acc_a, acc_b, acc_d), dv bitwise
+    quantize_grad_torch's,
     and dc_lo = sum(acc_b) - sum(acc_d) / n, dc_hi = sum(acc_a) + sum(acc_d) / n
     (:func:`_finish_clip_sums`). s: :func:`_acc_scale`.
 
     acc_a / acc_b get g beyond either clip (one select each); acc_d gets r * dv, r = round(z) - z,
     in one FFMA: r is finite wherever dv = 0, so that dv masks it, and the 1 / n is applied per
-    program. The sums are quantize_grad's up to fp32 rounding, NaN where they are NaN, except with
+    program. The sums are quantize_grad_torch's up to fp32 rounding, NaN where they are NaN, except with
     inverted clips and NaN inputs at once (finite here; NaN outputs there anyway) and clips closer
     than n / FLT_MAX (s = inf)."""
     above = v >= c_hi

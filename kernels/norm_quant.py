@@ -4,7 +4,7 @@ Unfused, QAT costs a norm output y written and read again, x_hat written, and in
 recomputed and a separate quantizer backward: seven extra passes over an activation-sized tensor.
 Fused, the forward reads x and writes only x_hat (which the linear keeps for its weight gradient);
 the backward reads x and dL/dx_hat, recomputes y bit for bit as the forward did, and does the
-quantizer backward (kernels.fake_quant.quantize_grad's math) and the norm backward in the same pass.
+quantizer backward (kernels.fake_quant.quantize_grad_torch's math) and the norm backward in the same pass.
 
 Per row of N channels, all in fp32:
     layernorm: mean = mean(x), rstd = 1 / sqrt(mean((x - mean)^2) + eps), xnorm = (x - mean) * rstd
@@ -154,7 +154,7 @@ def _fwd_kernel(x_ptr, w_ptr, b_ptr, clip_ptr, out_ptr, mean_ptr, rstd_ptr, coun
 
 @triton.jit
 def _quantize_grad_inside(y, g, c_lo, c_hi, s, inv_n):
-    """(dy, g_out, to_hi): kernels.fake_quant.quantize_grad's dv and dc_hi share, bit for bit, and
+    """(dy, g_out, to_hi): kernels.fake_quant.quantize_grad_torch's dv and dc_hi share, bit for bit, and
     g_out = g beyond either clip, whose sum less to_hi's is the sum of the dc_lo shares. Leaner:
     z is computed without the clamp, as only z inside the clips is used, where clamp(y) = y."""
     above = y >= c_hi

@@ -166,7 +166,7 @@ class InputQuantizer(torch.nn.Module):
         if _checkpoint_depth:
             return linear(x_hat)
         key = _storage_key(x_hat)
-        recipe = _Recompute(x.detach(), tp_grad_sync(self.clip).detach(), self.bits)
+        recipe = _Recompute(x.detach(), self.clip.detach(), self.bits)
 
         def pack(t):
             return recipe if _storage_key(t) == key else t
