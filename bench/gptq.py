@@ -1,13 +1,18 @@
-"""GPTQ of a GPT config on one GPU (4-bit, group 128, act-order, 128 x seq-length calibration
-tokens): wall time of the whole block-by-block run and of its Hessian + solve work alone, the
-mean relative layer-output error against RTN at the same bits/groups; then INT8 GEMM
-(torch._int_mm) against bf16 GEMM at the config's layer shapes.
+"""GPTQ of a GPT config (4-bit, group 128, act-order, 128 x seq-length calibration tokens) on one
+or more GPUs: wall time of the block-by-block run and of its phases, and a sha256 digest of every
+QuantizedWeight so runs on different numbers of GPUs can be checked for bit-identical results;
+then (rank 0, unless --no-gemm) INT8 GEMM (torch._int_mm) against bf16 GEMM at the config's shapes.
 
-Usage on a GPU machine: ``python bench/gptq.py --config configs/1b.yaml`` (JSON to $OUT if set).
-The weights are a random initialization and the calibration tokens random ids: timing does not
-depend on what the model learned.
+    python bench/gptq.py --config configs/1b.yaml                              # one GPU
+    torchrun --nproc-per-node 2 bench/gptq.py --config configs/1b.yaml --no-gemm
+    python bench/gptq.py --dry-run        # configs/tiny.yaml, 8 windows, no GEMM: runs on CPU too
+
+Rank 0 prints and writes $OUT/gptq_world{N}.json if OUT is set. The weights are a random
+initialization and the calibration tokens random ids: timing does not depend on what the model
+learned, and every rank builds the same model and windows from fixed seeds.
 """
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -16,6 +21,20 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+FIELDS = ("codes", "scales", "zeros", "g_idx")
+
+
+def digest(results: dict) -> str:
+    """sha256 over the bytes of every QuantizedWeight tensor, by sorted name then field."""
+    h = hashlib.sha256()
+    for name in sorted(results):
+        for field in FIELDS:
+            t = getattr(results[name], field).detach().cpu().contiguous()
+            h.update(f"{name}.{field}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def gemm_times(cfg, tokens: int) -> list[dict]:
@@ -38,40 +57,68 @@ def gemm_times(cfg, tokens: int) -> list[dict]:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/1b.yaml")
-    p.add_argument("--nsamples", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--nsamples", type=int, help="calibration windows (default 128; 8 with --dry-run)")
+    p.add_argument("--batch-size", type=int, help="windows per forward (default 8; 2 with --dry-run)")
+    p.add_argument("--no-gemm", action="store_true", help="skip the INT8 GEMM timing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="configs/tiny.yaml, few windows, no GEMM: a quick check that runs on CPU")
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/gptq.py needs a CUDA GPU")
+    if args.dry_run:
+        args.config, args.no_gemm = "configs/tiny.yaml", True
+        # One thread: CPU matmuls may round differently with another thread count, and torchrun
+        # runs one thread per rank.
+        torch.set_num_threads(1)
+    args.nsamples = args.nsamples or (8 if args.dry_run else 128)
+    args.batch_size = args.batch_size or (2 if args.dry_run else 8)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.dry_run:
+        sys.exit("bench/gptq.py needs a CUDA GPU (use --dry-run for the CPU check)")
     from model.gpt import build_gpt
     from pretrain.config import load_config
     from pretrain.parallel import ParallelConfig, init_distributed
     from quant.gptq import QuantSpec, quantize_model
 
     init_distributed(ParallelConfig())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda") if cuda else torch.device("cpu")
     cfg = load_config(args.config)
-    torch.manual_seed(0)
-    model = build_gpt(cfg.model).cuda().eval()
-    windows = torch.randint(cfg.model.vocab_size, (args.nsamples, cfg.model.seq_length))
-    spec = QuantSpec("gptq", bits=4, group_size=128, act_order=True)
     t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = build_gpt(cfg.model).to(device).eval()
+    windows = torch.randint(cfg.model.vocab_size, (args.nsamples, cfg.model.seq_length),
+                            generator=torch.Generator().manual_seed(1))
+    spec = QuantSpec("gptq", bits=4, group_size=128, act_order=True)
+    dist.barrier()
+    t1 = time.perf_counter()
     results, times = quantize_model(model, windows, spec, args.batch_size)
-    torch.cuda.synchronize()
-    total = time.perf_counter() - t0
-    out = {"config": args.config, "nsamples": args.nsamples, "blocks": cfg.model.num_layers,
-           "total_s": total, "hessian_s": times["hessian"], "solve_s": times["solve"],
-           "hessian_plus_solve_s": times["hessian"] + times["solve"],
-           "gemm": gemm_times(cfg.model, args.batch_size * cfg.model.seq_length)}
-    print(f"GPTQ {args.config}: total {total:.1f} s | hessian+solve {out['hessian_plus_solve_s']:.1f} s "
-          f"(hessian {times['hessian']:.1f}, solve {times['solve']:.1f}) | "
-          f"{out['hessian_plus_solve_s'] / cfg.model.num_layers:.2f} s/block")
-    print(f"{'layer':<6}{'M':>7}{'K':>6}{'N':>6}{'bf16 ms':>9}{'int8 ms':>9}{'speedup':>9}")
-    for r in out["gemm"]:
-        print(f"{r['layer']:<6}{r['m']:>7}{r['k']:>6}{r['n']:>6}{r['bf16_ms']:>9.3f}{r['int8_ms']:>9.3f}"
-              f"{r['speedup']:>9.2f}")
+    if cuda:
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    sha = digest(results)
+    phases = {"build_s": t1 - t0, "quantize_s": t2 - t1, "hessian_s": times["hessian"],
+              "solve_s": times["solve"],               # chain reduce + owner solves + broadcast
+              "forward_s": t2 - t1 - times["hessian"] - times["solve"], "digest_s": time.perf_counter() - t2}
+    if rank != 0:
+        dist.barrier()
+        return
+    out = {"config": args.config, "device": torch.cuda.get_device_name() if cuda else "cpu",
+           "world_size": world, "nsamples": args.nsamples, "batch_size": args.batch_size,
+           "blocks": cfg.model.num_layers, "linears": len(results), "times": phases, "sha256": sha,
+           "gemm": None if args.no_gemm else gemm_times(cfg.model, args.batch_size * cfg.model.seq_length)}
+    print(f"GPTQ {args.config} on {world} rank(s): quantize {phases['quantize_s']:.1f} s | "
+          f"hessian {phases['hessian_s']:.1f} s, solve+reduce {phases['solve_s']:.1f} s, "
+          f"forward {phases['forward_s']:.1f} s | {phases['quantize_s'] / cfg.model.num_layers:.2f} s/block | "
+          f"build {phases['build_s']:.1f} s")
+    print(f"sha256 of {len(results)} QuantizedWeights: {sha}")
+    if out["gemm"]:
+        print(f"{'layer':<6}{'M':>7}{'K':>6}{'N':>6}{'bf16 ms':>9}{'int8 ms':>9}{'speedup':>9}")
+        for r in out["gemm"]:
+            print(f"{r['layer']:<6}{r['m']:>7}{r['k']:>6}{r['n']:>6}{r['bf16_ms']:>9.3f}{r['int8_ms']:>9.3f}"
+                  f"{r['speedup']:>9.2f}")
     if os.environ.get("OUT"):
-        with open(os.path.join(os.environ["OUT"], "gptq.json"), "w") as f:
+        with open(os.path.join(os.environ["OUT"], f"gptq_world{world}.json"), "w") as f:
             json.dump(out, f, indent=1)
+    dist.barrier()
 
 
 if __name__ == "__main__":

@@ -9,8 +9,9 @@ linear's Hessian comes from its inputs with the earlier linears of the block alr
 and the block's outputs are recomputed through its quantized self before feeding the next block.
 Calibration runs on 16-bit activations (QAT input quantizers switched off); their learned clips
 are saved with the result for W4A4 evaluation. Distributed (torchrun, TP=1 so DP=N): each rank
-runs its share of the calibration windows, each Hessian is reduced to its module's owner rank,
-which solves it, and the result is broadcast (quant.hessian), so every rank holds the same model.
+runs its share of the calibration batches, each Hessian is chain-summed in batch order to its
+module's owner rank, which solves it, and the result is broadcast (quant.hessian), so every rank
+holds the same model, bit-identical to the one-rank result for any number of ranks.
 
 Output: ``<output>/model.safetensors`` (quant.packing; its manifest records the method, the QAT
 clips as extra tensors ``clip.<linear>``, and under ``info`` the source checkpoint, its config and
@@ -94,11 +95,12 @@ def _batches(windows: torch.Tensor, batch_size: int):
 def quantize_model(model, windows: torch.Tensor, spec: QuantSpec, batch_size: int = 8):
     """Quantize the block linears of a TP=1 GPT in place (weights become their dequantized
     values) from the calibration ``windows`` [n, seq] (all of them, on every rank: each rank runs
-    its share). Returns ({linear name: QuantizedWeight}, {"hessian": s, "solve": s})."""
+    its share of whole ``batch_size`` batches, so the result is the same for any world size).
+    Returns ({linear name: QuantizedWeight}, {"hessian": s, "solve": s})."""
     spec.validate()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
-    mine = rank_windows(len(windows), rank, world)
+    mine = rank_windows(len(windows), batch_size, rank, world)
     share = windows[mine.start:mine.stop]
     quantizers = [m for m in model.modules() if isinstance(m, InputQuantizer)]
     for q in quantizers:                     # calibrate on 16-bit activations
@@ -112,11 +114,11 @@ def quantize_model(model, windows: torch.Tensor, spec: QuantSpec, batch_size: in
             name, linear = f"blocks.{i}.{sub}", block.get_submodule(sub)
             weight = linear.weight
             if spec.needs_hessian:
-                acc = HessianAccumulator(weight.shape[1], device)
+                acc = HessianAccumulator(weight.shape[1], device, keep_batches=rank > 0)
 
                 def record(module, args, acc=acc):
                     with hessian_t:
-                        acc.add(args[0])
+                        acc.add(args[0])             # one forward batch
 
                 handle = linear.register_forward_pre_hook(record)
                 for h in hidden:

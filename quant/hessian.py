@@ -1,9 +1,13 @@
 """Layer-input Hessians for GPTQ/AdaDim and the collectives that spread calibration over ranks.
 
-Distributed recipe: each rank runs its share of the calibration windows (``rank_windows``) and
-accumulates every module's Hessian locally; ``quantize_distributed`` then sums each module's
-Hessian (token-count weighted) onto its owner rank, modules assigned round-robin, quantizes it
-there and broadcasts the codes back, so every rank ends with the same result as one rank would.
+Distributed recipe: calibration is split over ranks by whole forward batches (``rank_windows``),
+so every rank runs exactly the batches one rank would run. A Hessian is the fp32 sum of one
+``X^T X`` per batch, folded in global batch order ((S_0 + S_1) + S_2) + ... and scaled by 2/N only
+at the end. ``reduce_hessian`` keeps that order across ranks with a chain: rank 0 sums its batches
+in place and sends the prefix sum to rank 1, which adds its kept batches and sends on, and so on;
+the last rank's sum goes to the module's owner rank. Every float operation is then the one a
+single rank does, so the Hessian, and the codes that ``quantize_distributed`` solves on the owner
+and broadcasts, are bit-identical for any world size (given a deterministic forward and solve).
 """
 from typing import Callable, Optional
 
@@ -14,35 +18,64 @@ from quant.rtn import QuantizedWeight, check_finite
 
 
 class HessianAccumulator:
-    """Running mean H = 2/N sum x x^T over calibration tokens, in float32.
+    """H = 2/N sum_b X_b^T X_b over calibration batches, an fp32 sum in batch order.
 
-    A running mean (not a sum) keeps the entries at the scale of one token's x x^T however many
-    tokens are fed.
+    One ``add`` is one forward batch. Summed (not a running mean) and scaled once at the end, so
+    the result depends only on the batches and their order, not on how they are split over ranks.
+    With ``keep_batches`` (every rank of a reduce chain but the first) each batch's ``X^T X`` is
+    kept apart until the prefix sum of the earlier ranks arrives: batches x in^2 x 4 bytes of
+    memory. Otherwise the sum is accumulated in place (in^2 x 4 bytes whatever the batches).
     """
 
-    def __init__(self, in_features: int, device=None):
-        self.hessian = torch.zeros(in_features, in_features, device=device)
-        self.count = 0
+    def __init__(self, in_features: int, device=None, keep_batches: bool = False):
+        self.sum = torch.zeros(in_features, in_features, device=device)
+        self.count = 0                   # tokens, kept batches included
+        self.keep_batches = keep_batches
+        self.batches: list[torch.Tensor] = []
 
     def add(self, x: torch.Tensor) -> None:
-        """Fold in a batch of activations [..., in_features] (any leading token dims)."""
-        if x.shape[-1] != self.hessian.shape[0]:
-            raise ValueError(f"activations have {x.shape[-1]} features, expected "
-                             f"{self.hessian.shape[0]}")
-        x = x.reshape(-1, x.shape[-1]).to(device=self.hessian.device, dtype=torch.float32)
+        """Fold in one forward batch of activations [..., in_features] (any leading token dims)."""
+        if x.shape[-1] != self.sum.shape[0]:
+            raise ValueError(f"activations have {x.shape[-1]} features, expected {self.sum.shape[0]}")
+        x = x.reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)
         check_finite("activations", x)
         if x.shape[0] == 0:
             return
-        total = self.count + x.shape[0]
-        self.hessian.addmm_(x.T, x, beta=self.count / total, alpha=2 / total)
-        self.count = total
+        s = torch.mm(x.T, x)             # mm then add (not addmm): the same float ops on every rank
+        if self.keep_batches:
+            self.batches.append(s)
+        else:
+            self.sum.add_(s)
+        self.count += x.shape[0]
+
+    def fold(self, prefix: torch.Tensor) -> torch.Tensor:
+        """``prefix`` (modified in place) plus the kept batches, in order."""
+        for s in self.batches:
+            prefix.add_(s)
+        return prefix
+
+    def hessian(self) -> torch.Tensor:
+        """2/N sum X^T X of this accumulator's batches alone: what one rank running them gets."""
+        return _scaled(self.fold(self.sum.clone()), self.count)
 
 
-def rank_windows(num_windows: int, rank: int, world_size: int) -> range:
-    """The contiguous, balanced share of calibration window indices that ``rank`` runs."""
+def _scaled(total: torch.Tensor, count: int) -> torch.Tensor:
+    if count == 0:
+        raise ValueError("no calibration tokens reached this module on any rank")
+    return total * (2 / count)
+
+
+def rank_windows(num_windows: int, batch_size: int, rank: int, world_size: int) -> range:
+    """The calibration window indices ``rank`` runs: a contiguous, balanced share of whole forward
+    batches (``batch_size`` consecutive windows, the last one may be short), so that each rank's
+    batches are exactly batches of the one-rank run and the Hessians can match it bit for bit."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world size {world_size}")
-    return range(num_windows * rank // world_size, num_windows * (rank + 1) // world_size)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batches = -(-num_windows // batch_size)
+    first, last = batches * rank // world_size, batches * (rank + 1) // world_size
+    return range(min(first * batch_size, num_windows), min(last * batch_size, num_windows))
 
 
 def owner_rank(module_index: int, world_size: int) -> int:
@@ -52,22 +85,50 @@ def owner_rank(module_index: int, world_size: int) -> int:
 
 def reduce_hessian(acc: HessianAccumulator, dst: Optional[int] = None,
                    group=None) -> Optional[torch.Tensor]:
-    """Token-weighted mean of every rank's Hessian: on ``dst`` only (reduce), or on all ranks
-    (all-reduce) when dst is None; other ranks get None. ``dst`` is a rank within ``group``."""
-    weighted = acc.hessian * acc.count
-    count = torch.tensor([float(acc.count)], dtype=torch.float64, device=weighted.device)
-    if dst is None:
-        dist.all_reduce(weighted, group=group)
-        dist.all_reduce(count, group=group)
+    """The Hessian of all ranks' batches, on ``dst`` only, or on all ranks when dst is None; other
+    ranks get None. ``dst`` is a rank within ``group``. Does not modify ``acc``.
+
+    Chain sum in rank order (send/recv, NCCL or gloo): rank r receives the prefix sum and token
+    count of ranks < r, adds its kept batches and passes both on; ranks without batches just pass
+    them on. Rank 0 starts from its in-place sum, the others must use ``keep_batches``.
+    """
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+
+    def peer(r):
+        return r if group is None else dist.get_global_rank(group, r)
+
+    device = acc.sum.device
+    count = torch.tensor([acc.count], dtype=torch.int64, device=device)
+    if rank == 0:
+        total = acc.fold(acc.sum.clone()) if acc.batches else acc.sum   # only read from here on
     else:
-        global_dst = dst if group is None else dist.get_global_rank(group, dst)
-        dist.reduce(weighted, global_dst, group=group)
-        dist.reduce(count, global_dst, group=group)
-        if dist.get_rank(group) != dst:
-            return None
-    if count.item() == 0:
-        raise ValueError("no calibration tokens reached this module on any rank")
-    return weighted / count.item()
+        if not acc.keep_batches and acc.count:
+            raise ValueError(f"rank {rank} summed its batches in place; only the first rank of the chain "
+                             f"may: build its HessianAccumulator with keep_batches=True")
+        total, prefix_count = torch.empty_like(acc.sum), torch.empty_like(count)
+        dist.recv(total, peer(rank - 1), group=group)
+        dist.recv(prefix_count, peer(rank - 1), group=group)
+        total, count = acc.fold(total), count + prefix_count
+    last = world - 1
+    if rank < last:
+        dist.send(total, peer(rank + 1), group=group)
+        dist.send(count, peer(rank + 1), group=group)
+    if dst is None:
+        if rank != last:
+            total = torch.empty_like(acc.sum)
+        dist.broadcast(total, peer(last), group=group)
+        dist.broadcast(count, peer(last), group=group)
+    elif dst != last:
+        if rank == last:
+            dist.send(total, peer(dst), group=group)
+            dist.send(count, peer(dst), group=group)
+        elif rank == dst:
+            total = torch.empty_like(acc.sum)
+            dist.recv(total, peer(last), group=group)
+            dist.recv(count, peer(last), group=group)
+    if dst is not None and rank != dst:
+        return None
+    return _scaled(total, int(count.item()))
 
 
 _QW_TENSORS = ("codes", "scales", "zeros", "g_idx")
