@@ -1,6 +1,6 @@
 """Tokenization throughput: `data_prep.tokenize` with N workers against N x SentencePiece's raw encode.
 
-    python -m bench.tokenize [--mb 16] [--workers 2] [--tokenizer MODEL] [--repeats 3]
+    python -m bench.tokenize_throughput [--mb 16] [--workers 2] [--tokenizer MODEL] [--repeats 3]
 
 (Run it as a module from the repository root: as a script, this file would shadow the standard
 library's ``tokenize``.) The text is the demo corpus (data/demo), repeated up to ``--mb`` MB and
