@@ -174,13 +174,23 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return losses.mean()
 
 
+def build_layer(index: int, init_seed: int | None, layer: type, *args) -> torch.nn.Module:
+    """Layer ``index`` of the model (0 embedding, 1..L blocks, L+1 head) drawing its initial
+    weights from seed ``init_seed + index``: a pipeline stage that builds only its own layers then
+    starts from the same weights as the whole model. No reseeding when ``init_seed`` is None."""
+    if init_seed is not None:
+        torch.manual_seed(init_seed + index)
+    return layer(*args)
+
+
 class GPT(torch.nn.Module):
-    def __init__(self, cfg: GPTConfig, mp: ModelParallelConfig):
+    def __init__(self, cfg: GPTConfig, mp: ModelParallelConfig, init_seed: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.embedding = Embedding(cfg, mp)
-        self.blocks = torch.nn.ModuleList(Block(cfg, mp) for _ in range(cfg.num_layers))
-        self.head = Head(cfg, mp)
+        self.embedding = build_layer(0, init_seed, Embedding, cfg, mp)
+        self.blocks = torch.nn.ModuleList(build_layer(i + 1, init_seed, Block, cfg, mp)
+                                          for i in range(cfg.num_layers))
+        self.head = build_layer(cfg.num_layers + 1, init_seed, Head, cfg, mp)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [s, b, V/tp] for tokens [b, s]; the mean loss instead when labels are given."""
@@ -201,10 +211,10 @@ def megatron_config(sequence_parallel: bool = False) -> ModelParallelConfig:
         gradient_accumulation_fusion=False)
 
 
-def build_gpt(cfg: GPTConfig, sequence_parallel: bool = False) -> GPT:
+def build_gpt(cfg: GPTConfig, sequence_parallel: bool = False, init_seed: int | None = None) -> GPT:
     """The GPT for this rank's TP shard (parallel_state must be initialized)."""
     cfg.validate(parallel_state.get_tensor_model_parallel_world_size())
-    return GPT(cfg, megatron_config(sequence_parallel))
+    return GPT(cfg, megatron_config(sequence_parallel), init_seed)
 
 
 def linears(model: torch.nn.Module):

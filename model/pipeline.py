@@ -8,15 +8,27 @@ layer's parameters ``"<i>.<name inside the layer>"``; :func:`to_gpt_name` and
 """
 from deepspeed.pipe import LayerSpec
 
-from model.gpt import Block, Embedding, GPTConfig, Head, megatron_config
+from model.gpt import Block, Embedding, GPTConfig, Head, build_layer, megatron_config
 
 
-def pipeline_layers(cfg: GPTConfig, sequence_parallel: bool = False) -> list[LayerSpec]:
+class SeededLayerSpec(LayerSpec):
+    """A ``LayerSpec`` built as ``model.gpt.build_layer`` builds layer ``index`` of the GPT."""
+
+    def __init__(self, index: int, init_seed: int | None, typename, *args):
+        super().__init__(typename, *args)
+        self.index, self.init_seed = index, init_seed
+
+    def build(self, log=False):
+        return build_layer(self.index, self.init_seed, self.typename, *self.module_args)
+
+
+def pipeline_layers(cfg: GPTConfig, sequence_parallel: bool = False,
+                    init_seed: int | None = None) -> list[LayerSpec]:
     """Layer specs for ``PipelineModule``; each stage builds only its own layers
-    (parallel_state must be initialized)."""
+    (parallel_state must be initialized), with the initial weights of ``build_gpt``'s."""
     mp = megatron_config(sequence_parallel)
-    return ([LayerSpec(Embedding, cfg, mp)] + [LayerSpec(Block, cfg, mp) for _ in range(cfg.num_layers)]
-            + [LayerSpec(Head, cfg, mp)])
+    layers = [Embedding] + [Block] * cfg.num_layers + [Head]
+    return [SeededLayerSpec(i, init_seed, layer, cfg, mp) for i, layer in enumerate(layers)]
 
 
 def to_gpt_name(name: str, num_layers: int) -> str:

@@ -36,13 +36,14 @@ def _run_checkpointed(forward, *args, **kwargs):
 
 
 def build_model(cfg: Config, dims: ParallelDims) -> torch.nn.Module:
-    """This rank's modules: the whole GPT, or its pipeline stage with the loss on the last stage."""
-    sp = cfg.parallel.sequence_parallel
+    """This rank's modules: the whole GPT, or its pipeline stage with the loss on the last stage;
+    the same initial weights under every TP / PP layout (``train.seed``)."""
+    sp, seed = cfg.parallel.sequence_parallel, cfg.train.seed
     if dims.pp == 1:
-        model = build_gpt(cfg.model, sp)
+        model = build_gpt(cfg.model, sp, seed)
     else:
         cfg.model.validate(dims.tp)
-        model = PipelineModule(pipeline_layers(cfg.model, sp), topology=deepspeed_topology(dims), loss_fn=lm_loss,
+        model = PipelineModule(pipeline_layers(cfg.model, sp, seed), topology=deepspeed_topology(dims), loss_fn=lm_loss,
                                partition_method=cfg.parallel.partition)
     checkpoint_activations(model, cfg.train.activation_checkpointing)
     return model

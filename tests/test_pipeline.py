@@ -9,6 +9,10 @@ from tests.train_utils import initial_state, run
 
 STEPS = 4
 TOL = {"atol": 1e-5, "rtol": 1e-4}
+# Adam divides each gradient by its own running RMS, so an element whose gradient sits at fp32
+# rounding level moves by up to ~lr (3e-3) in a direction set by that rounding: final weights are
+# compared at 1/30 of lr (a missing or doubled gradient reduction moves them by ~lr per step).
+WEIGHT_TOL = {"atol": 1e-4, "rtol": 1e-4}
 
 
 def _reference(base: dict) -> tuple[dict, dict]:
@@ -24,7 +28,7 @@ def _check(ref: dict, outs: list[dict]) -> None:
         final.update(out["final"])                  # each stage holds its own layers
     assert final.keys() == ref["final"].keys()
     for name, p in ref["final"].items():
-        torch.testing.assert_close(final[name], p, **TOL, msg=name)
+        torch.testing.assert_close(final[name], p, **WEIGHT_TOL, msg=lambda m, name=name: f"{name}: {m}")
     assert ref["losses"][-1] < ref["losses"][0]
 
 
@@ -47,6 +51,19 @@ def test_tp2_pp2_on_four_ranks_matches_one():
     base = {"model": {"num_layers": 2}}
     full, ref = _reference(base)
     _check(ref, run_distributed(run, 4, _with(base, tensor=2, pipeline=2), full, STEPS))
+
+
+def test_initial_weights_do_not_depend_on_the_layout():
+    """Every TP x PP layout starts from the one-process model (each pipeline layer draws its weights
+    from its own seed), so training runs under different layouts are comparable from step 0."""
+    base = {"model": {"num_layers": 3}, **QUANT}
+    ref = run_distributed(initial_state, 1, base)[0]
+    full = {}
+    for stage in run_distributed(initial_state, 4, _with(base, tensor=2, pipeline=2)):
+        full.update(stage)
+    assert full.keys() == ref.keys()
+    for name, p in ref.items():
+        assert torch.equal(full[name], p), name
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])

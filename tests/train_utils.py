@@ -70,9 +70,10 @@ def load_full_state(model, full: dict) -> None:
 
 
 def initial_state(overrides: dict) -> dict:
-    """The full (TP=1) initial state of the configured model."""
+    """The initial state of the configured model, full over TP, in GPT names (a pipeline stage
+    returns its own layers)."""
     _, _, model, _, _ = build(overrides)
-    return gather_state_dict(model)
+    return gpt_names(model, gather_state_dict(model))
 
 
 def run(overrides: dict, full_state: dict, steps: int) -> dict:
