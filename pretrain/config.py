@@ -46,7 +46,7 @@ class TrainConfig:
     seed: int = 1234
     log_interval: int = 10           # steps between log lines / TensorBoard points
     eval_interval: int = 100         # steps between validation losses; 0 = only at the end
-    eval_iters: int = 10             # validation micro-batches per evaluation
+    eval_iters: int = 10             # validation batches of global_batch_size sequences per evaluation (any layout)
     out_dir: str = "runs/default"    # TensorBoard logs and checkpoints go here
     peak_tflops: float = 0.0         # per-GPU peak for MFU; 0 = look up the GPU (H100/H200 bf16: 989)
     activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (recompute the MLPs)

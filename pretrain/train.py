@@ -65,7 +65,7 @@ def train(cfg: Config, dims: ParallelDims) -> Trainer:
     torch.manual_seed(t.seed + 100 * parallel_state.get_pipeline_model_parallel_rank() + sp_rank)
     checkpoint.resume(engine, trainer, cfg)
 
-    n_eval = t.eval_iters * t.micro_batch_size * dims.dp
+    n_eval = t.eval_iters * t.global_batch_size
     evals = t.steps // t.eval_interval + 1 if t.eval_interval else 1
     train_ds, valid_ds = build_datasets(cfg.data, cfg.model.seq_length, t.seed,
                                         t.steps * t.global_batch_size, evals * n_eval)

@@ -105,8 +105,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, micro_batches) -> float:
-        """Mean validation loss over cfg.train.eval_iters micro-batches per rank, averaged over DP."""
-        batches = list(itertools.islice(micro_batches, self.cfg.train.eval_iters))
+        """Mean validation loss over cfg.train.eval_iters global batches (the same sequences for any
+        DP size: each rank runs its eval_iters x gradient-accumulation micro-batches), DP-averaged."""
+        batches = list(itertools.islice(micro_batches, self.cfg.train.eval_iters * self.gas))
         if not batches:
             raise RuntimeError("the validation set yielded no batches")
         if self.pipeline:   # DP-mean loss, broadcast to every stage
