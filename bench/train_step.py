@@ -10,6 +10,11 @@ Each variant runs in its own process (clean peak memory). Usage on a GPU machine
 ``python bench/train_step.py --config configs/1b.yaml`` (prints a table; JSON to $OUT if set).
 ``--repeats N`` runs the variant list N times interleaved (A B C A B C ...) and reports each
 variant's median step time, so drift of the machine over the run hits every variant alike.
+
+A variant is ``[Nx]NAME[@section.key=value...]``: ``2xours`` is ours on 2 GPUs under torchrun
+(data parallel: each GPU runs the micro-batch, global batch = micro-batch x DP),
+``2xours@parallel.tensor=2`` the same model split by TP=2. The table gives tokens/s per GPU and
+the scaling efficiency against the one-GPU run of the same NAME.
 """
 import argparse
 import itertools
@@ -57,6 +62,10 @@ class PlainGPT(torch.nn.Module):
         return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
 
 
+# NVLink multicast stays off in every process this starts (it can take a shared host's GPUs down).
+NO_MULTICAST = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
 def random_batches(cfg, micro: int, device):
     g = torch.Generator(device=device).manual_seed(0)
     while True:
@@ -64,14 +73,19 @@ def random_batches(cfg, micro: int, device):
         yield {"tokens": t[:, :-1], "labels": t[:, 1:]}
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def time_steps(step, steps: int, warmup: int) -> float:
     for _ in range(warmup):
         step()
-    torch.cuda.synchronize()
+    synchronize()
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    torch.cuda.synchronize()
+    synchronize()
     return (time.perf_counter() - t0) / steps
 
 
@@ -86,17 +100,30 @@ def print_profile(step, steps: int = 3) -> None:
     print(prof.key_averages().table(sort_by="device_time_total", row_limit=60, max_name_column_width=70))
 
 
+def parse_spec(spec: str) -> tuple[int, str, list[str]]:
+    """``"2xours@parallel.tensor=2"`` -> (2, "ours", ["parallel.tensor=2"])."""
+    variant, *extra = spec.split("@")
+    gpus, _, name = variant.rpartition("x") if variant[:1].isdigit() else ("1", "", variant)
+    return int(gpus), name, extra
+
+
 def run_variant(spec: str, config: str, micro: int, steps: int, warmup: int, profile: bool = False) -> dict:
-    """``spec`` is a variant name, optionally with config overrides: ``ours@parallel.zero_stage=0``."""
+    """``spec`` is ``[Nx]NAME[@overrides]`` (see the module docstring); this process is one of N."""
     from pretrain.config import load_config
     from pretrain.metrics import flops_per_token, matmul_params
+    from pretrain.parallel import world_size_from_env
 
-    variant, *extra = spec.split("@")
-    cfg = load_config(config, ["--train.micro_batch_size", str(micro), "--train.global_batch_size", str(micro),
+    gpus, variant, extra = parse_spec(spec)
+    cfg = load_config(config, ["--train.micro_batch_size", str(micro),
                                "--qat.enabled", str(variant.startswith("ours-qat")).lower(),
                                "--kurtosis.enabled", str(variant == "ours-qat").lower()]
                       + [f"--{kv}" for kv in extra])
-    device = torch.device("cuda")
+    world = world_size_from_env()
+    if world != gpus or (variant == "plain" and gpus > 1):
+        raise SystemExit(f"{spec}: needs {gpus} processes (got {world}); plain runs on one GPU")
+    dp = world // (cfg.parallel.tensor * cfg.parallel.pipeline)
+    cfg.train.global_batch_size = micro * dp       # one micro-batch per DP rank and step
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = random_batches(cfg, micro, device)
     torch.manual_seed(0)
     if variant == "plain":
@@ -127,15 +154,17 @@ def run_variant(spec: str, config: str, micro: int, steps: int, warmup: int, pro
         def step():
             trainer.train_step(batches)
 
-    torch.cuda.reset_peak_memory_stats()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     dt = time_steps(step, steps, warmup)
     if profile:
         print_profile(step)
-    tokens = micro * cfg.model.seq_length
-    tflops = flops_per_token(cfg.model, matmul_params(cfg.model)) * tokens / dt / 1e12
-    return {"variant": spec, "step_ms": dt * 1e3, "tokens_per_s": tokens / dt, "tflops": tflops,
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
-            "params": sum(p.numel() for p in model.parameters())}
+    tokens = cfg.train.global_batch_size * cfg.model.seq_length
+    tflops = flops_per_token(cfg.model, matmul_params(cfg.model)) * tokens / dt / 1e12 / world
+    return {"variant": spec, "gpus": world, "step_ms": dt * 1e3, "tokens_per_s": tokens / dt,
+            "tokens_per_s_per_gpu": tokens / dt / world, "tflops_per_gpu": tflops,
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0,
+            "params_per_gpu": sum(p.numel() for p in model.parameters())}
 
 
 def _median_run(variant: str, runs: list[dict]) -> dict:
@@ -155,20 +184,28 @@ def main():
     p.add_argument("--variants", default="plain,ours,ours-qat,ours-qat-only")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs of the variant list; medians reported")
     p.add_argument("--profile", action="store_true", help="print each variant's top GPU kernels")
+    p.add_argument("--dry-run", action="store_true", help="allow a CPU run (gloo) to check the script, e.g. with "
+                                                           "--config configs/tiny.yaml --variants ours,2xours")
     p.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one variant in this process
     args = p.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench/train_step.py needs a CUDA GPU")
+    if not torch.cuda.is_available() and not args.dry_run:
+        sys.exit("bench/train_step.py needs a CUDA GPU (or --dry-run)")
     if args.one:
         result = run_variant(args.one, args.config, args.micro_batch, args.steps, args.warmup, args.profile)
-        print("RESULT " + json.dumps(result))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(result))
         return
     runs = {v: [] for v in args.variants.split(",")}
+    env = {**os.environ, **NO_MULTICAST}
     for _, variant in itertools.product(range(args.repeats), runs):
-        out = subprocess.run([sys.executable, __file__, "--one", variant, "--config", args.config,
-                              "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
-                              "--warmup", str(args.warmup)] + (["--profile"] if args.profile else []),
-                             capture_output=True, text=True)
+        gpus = parse_spec(variant)[0]
+        launcher = [sys.executable] if gpus == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                       "--nproc-per-node", str(gpus)]
+        out = subprocess.run(launcher + [__file__, "--one", variant, "--config", args.config,
+                                         "--micro-batch", str(args.micro_batch), "--steps", str(args.steps),
+                                         "--warmup", str(args.warmup)] + (["--profile"] if args.profile else [])
+                             + (["--dry-run"] if args.dry_run else []),
+                             capture_output=True, text=True, env=env)
         if args.profile:
             print(f"==== {variant}\n" + "\n".join(l for l in out.stdout.splitlines() if not l.startswith("RESULT")))
         lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -180,14 +217,22 @@ def main():
         print(f"done {variant}: {runs[variant][-1]['step_ms']:.1f} ms/step", flush=True)
     results = [_median_run(v, rs) for v, rs in runs.items()]
     base = {r["variant"]: r for r in results if "step_ms" in r}
-    print(f"\n{'variant':<34}{'ms/step':>9}{'tok/s':>10}{'TFLOP/s':>9}{'peak GiB':>10}{'vs plain':>10}{'vs ours':>9}")
+    print(f"\n{'variant':<40}{'ms/step':>9}{'tok/s/GPU':>11}{'TFLOP/s/GPU':>12}{'peak GiB':>10}"
+          f"{'vs plain':>10}{'vs ours':>9}{'scaling':>9}")
     for r in results:
         if "step_ms" not in r:
-            print(f"{r['variant']:<34} failed")
+            print(f"{r['variant']:<40} failed")
             continue
-        rel = lambda k: f"{r['step_ms'] / base[k]['step_ms'] - 1:+.1%}" if k in base else "-"  # noqa: E731
-        print(f"{r['variant']:<34}{r['step_ms']:>9.1f}{r['tokens_per_s']:>10.0f}{r['tflops']:>9.1f}"
-              f"{r['peak_mem_gib']:>10.2f}{rel('plain'):>10}{rel('ours'):>9}  {r.get('all_step_ms', '')}")
+        gpus, name, extra = parse_spec(r["variant"])
+        same_layout = lambda k: ("" if gpus == 1 else f"{gpus}x") + k + "".join("@" + e for e in extra)  # noqa: E731
+        rel = lambda k: (f"{r['step_ms'] / base[same_layout(k)]['step_ms'] - 1:+.1%}"  # noqa: E731
+                         if same_layout(k) in base else "-")
+        one = base.get(name)                                 # the same NAME on one GPU
+        if one and r["gpus"] > 1:
+            r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"]
+        eff = f"{r['scaling_efficiency']:.1%}" if "scaling_efficiency" in r else "-"
+        print(f"{r['variant']:<40}{r['step_ms']:>9.1f}{r['tokens_per_s_per_gpu']:>11.0f}{r['tflops_per_gpu']:>12.1f}"
+              f"{r['peak_mem_gib']:>10.2f}{rel('plain'):>10}{rel('ours'):>9}{eff:>9}  {r.get('all_step_ms', '')}")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "train_step.json"), "w") as f:
             json.dump({"config": args.config, "micro_batch": args.micro_batch, "results": results}, f, indent=1)
