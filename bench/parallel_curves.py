@@ -47,7 +47,8 @@ def command(name: str, args) -> tuple[list[str], dict]:
              "--train.eval_interval", "0", "--optim.warmup_steps", str(max(1, args.steps // 10)),
              "--checkpoint.interval", "0", "--checkpoint.resume", "none", "--train.out_dir", f"{OUT_ROOT}/{name}",
              "--data.paths", f"[{d}/train]", "--data.valid_paths", f"[{d}/valid]",
-             "--data.tokenizer", f"{d}/tokenizer.model", "--qat.enabled", "true", "--kurtosis.enabled", "true",
+             "--data.tokenizer", f"{d}/tokenizer.model", "--data.cache_dir", f"{OUT_ROOT}/{name}/index-cache",
+             "--qat.enabled", "true", "--kurtosis.enabled", "true",
              ] + args.train_args.split() + extra
     launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     "--nproc-per-node", str(procs)]
