@@ -124,6 +124,55 @@ def test_tensor_parallel_with_qat_and_kurtosis_matches_single_process(sp):
             torch.testing.assert_close(out["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _first_batch_clips(overrides) -> dict:
+    """Every quantizer's clips after one forward of the first global batch (its DP share here)."""
+    cfg, _, model, _, _ = build(overrides)
+    batch = next(rank_micro_batches(global_samples(cfg, cfg.train.global_batch_size), cfg.train.micro_batch_size))
+    model(batch["tokens"], batch["labels"])
+    return {n: m.input_quant.clip.detach().clone() for n, m in linears(model) if m.input_quant is not None}
+
+
+@pytest.mark.parametrize("init", ["minmax", "mse"])
+def test_first_batch_init_agrees_over_tp_and_dp(init):
+    """Clips set from the first batch see the whole batch: TP=2 x DP=2 (each rank a quarter of it:
+    half the samples, half the channels or tokens) sets the clips one process sets from all of it."""
+    base = {**QAT, "qat": {**QAT["qat"], "init": init}, "train": {"micro_batch_size": 4, "global_batch_size": 4}}
+    ref = run_distributed(_first_batch_clips, 1, base)[0]
+    split = {**base, "train": {"micro_batch_size": 2, "global_batch_size": 4},
+             "parallel": {"tensor": 2, "sequence_parallel": True}}
+    for out in run_distributed(_first_batch_clips, 4, split):
+        assert out.keys() == ref.keys()
+        for name, clip in ref.items():
+            torch.testing.assert_close(out[name], clip, atol=1e-6, rtol=1e-5, msg=name)
+    assert any(abs(c[0].item() + 2.0) > 0.1 for c in ref.values())     # not the constant init
+
+
+def test_mse_init_fits_each_input_scale():
+    """init=mse clips sit where 4-bit quantization error is least: about 2.5 std for a Gaussian
+    (the known optimum), inside the range of a bounded-below GELU output, scaled with the input;
+    min/max clips have more error."""
+    from quant.qat import InputQuantizer
+
+    def clips(init, x):
+        q = InputQuantizer(4, init, 2.0, splits_input=False)
+        q._init_from_batch(x)
+        return q.clip.detach()
+
+    def error(x, clip):
+        return (kernels.fake_quant_forward(x, clip, 4) - x).square().mean()
+
+    g = torch.Generator().manual_seed(0)
+    gauss = torch.randn(2048, 96, generator=g)
+    for scale in (0.05, 1.0, 20.0):
+        lo, hi = clips("mse", gauss * scale)
+        assert 2.0 * scale < hi < 3.0 * scale and -3.0 * scale < lo < -2.0 * scale
+        assert error(gauss * scale, torch.stack([lo, hi])) < error(gauss * scale, clips("minmax", gauss * scale))
+    gelu = torch.nn.functional.gelu(gauss)
+    lo, hi = clips("mse", gelu)
+    assert gelu.min() <= lo < -0.1 and hi < gelu.max()
+    assert error(gelu, torch.stack([lo, hi])) < error(gelu, clips("minmax", gelu))
+
+
 def _train_and_measure(overrides, steps=40):
     """Train briefly; return losses, clip values before/after and the mean output kurtosis of the
     residual-writing linears on a held-out batch."""
