@@ -189,6 +189,10 @@ def validate(cfg: Config, world_size: int) -> None:
     dp = world_size // (p.tensor * p.pipeline)
     if p.zero_stage not in (0, 1, 2):
         raise ConfigError(f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}")
+    if t.fp16 and p.zero_stage == 0 and cfg.qat.enabled and cfg.qat.init != "constant":
+        raise ConfigError(f"qat.init {cfg.qat.init} sets clips from data, which DeepSpeed's fp16 optimizer "
+                          f"without ZeRO cannot take into its master weights: use parallel.zero_stage >= 1 "
+                          f"or qat.init constant")
     if p.pipeline > 1 and p.zero_stage > 1:
         raise ConfigError(f"pipeline parallelism allows ZeRO stage <= 1, got parallel.zero_stage={p.zero_stage}")
     if p.partition not in ("parameters", "uniform") and not p.partition.startswith("type:"):

@@ -6,6 +6,7 @@ import logging
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.utils import safe_set_full_fp32_param
 from megatron.core import parallel_state
 
 from pretrain.config import Config
@@ -40,6 +41,26 @@ class Trainer:
         self.nonfinite_in_row = 0
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # no host sync per step
         self._loss_count = 0
+        self._clips_ready = not self.quantizers   # first-batch clip inits done (or none to do)
+
+    def _init_clips(self, batch: dict) -> None:
+        """First-batch clip inits (qat.init minmax|mse) happen here, in a forward without gradients
+        before the step where quantization starts, and are written into the optimizer's fp32 master
+        copy: set inside a training forward, they would be overwritten from that copy by the step."""
+        todo = torch.tensor([float(any(q.needs_init for q in self.quantizers))], device=self.engine.device)
+        dist.all_reduce(todo, op=dist.ReduceOp.MAX)      # pipeline stages run the forward together
+        if todo.item():
+            self.engine.eval()
+            with torch.no_grad():
+                if self.pipeline:
+                    self.engine.eval_batch(iter([(batch["tokens"], batch["labels"])]), num_micro_batches=1)
+                else:
+                    b = self._to_device(batch)
+                    self.engine(b["tokens"], b["labels"])
+            self.engine.train()
+            for q in self.quantizers:
+                safe_set_full_fp32_param(q.clip, q.clip.detach().float())
+        self._clips_ready = True
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.engine.device, non_blocking=True) for k, v in batch.items()}
@@ -54,6 +75,8 @@ class Trainer:
         batches = list(itertools.islice(micro_batches, self.gas))
         if len(batches) < self.gas:
             raise RuntimeError(f"the training data ran out at step {self.step}")
+        if not self._clips_ready and self.step >= self.cfg.qat.start_step:
+            self._init_clips(batches[0])
         if self.pipeline:   # 1F1B over the micro-batches; the DP-mean loss comes back on every stage
             step_loss = self.engine.train_batch(iter([(b["tokens"], b["labels"]) for b in batches])).float()
         else:

@@ -30,12 +30,17 @@ MSE_INIT_STDS = tuple(1.0 + 0.5 * i for i in range(15))     # the k of init=mse'
 
 @dataclass
 class QATConfig:
-    """The `qat:` section: fake-quantize linear inputs with learned clips during pretraining."""
+    """The `qat:` section: fake-quantize linear inputs with learned clips during pretraining.
+
+    ``init: mse`` takes, of the first quantized batch's mean +- k std (k = 1 .. 8, inside its
+    min/max), the clips with the least squared quantization error, per layer; ``minmax`` its
+    min/max. Per-layer clips are what brings QAT's W4A4 perplexity to the baseline's
+    (docs/benchmarks.md), as does a start after warmup."""
     enabled: bool = False
     bits: int = 4                    # activation bits (2..8)
-    init: str = "constant"           # constant: clips at +-init_value | minmax: the first batch's min/max | mse: of its mean +- k std (k 1..8), least quantization error
-    init_value: float = 2.0          # init=constant: clips at +-init_value; 2 beat the paper's 4 (docs/benchmarks.md)
-    start_step: int = 0              # quantization is off before this optimizer step
+    init: str = "mse"                # clips from the first quantized batch: mse | minmax | constant (+-init_value)
+    init_value: float = 2.0          # init=constant: clips at +-init_value (2 beat the paper's 4)
+    start_step: int = 0              # quantization is off before this step (GPU configs: 2 x warmup)
     layers: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])  # of: qkv proj fc1 fc2 output (LM head)
 
     def validate(self) -> None:
@@ -137,13 +142,19 @@ class InputQuantizer(torch.nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._ready = None
 
+    @property
+    def needs_init(self) -> bool:
+        """Waiting for the first batch to set its clips (qat.init minmax|mse)."""
+        if self._ready is None:
+            self._ready = bool(self.initialized)
+        return not self._ready
+
     def _clip(self, pre_quant) -> torch.Tensor:
         """The clips for this forward; the first batch's statistics set them under init=minmax|mse
         (`pre_quant()` computes the unquantized input for that, once)."""
-        if self._ready is None:
-            self._ready = bool(self.initialized)
-        if not self._ready:
-            self._init_from_batch(pre_quant())
+        if self.needs_init:
+            with torch.no_grad():   # no autograd graph: a checkpoint's recompute, already initialized, builds none
+                self._init_from_batch(pre_quant())
         return tp_grad_sync(self.clip)
 
     def _quantize(self, kernel, pre_quant, *args):

@@ -14,10 +14,12 @@ QAT_KURT = {**QAT, "kurtosis": {"enabled": True, "lambda": 0.05, "sites": "all",
 
 def _ste(v, clip, bits):
     """The straight-through surrogate of DESIGN.md in plain autograd: clamp, plus the rounding
-    residual held constant."""
+    residual held constant. An input on a clip counts as clipped (its gradient goes to the clip),
+    as in DESIGN.md; first-batch inits put the batch's extreme exactly there."""
     lo, hi = clip.float().unbind()
     s = (2 ** bits - 1) / (hi - lo)
-    vc = torch.minimum(torch.maximum(v.float(), lo), hi)
+    v = v.float()
+    vc = torch.where(v <= lo, lo, torch.where(v >= hi, hi, v))
     z = (vc - lo) * s
     return (vc + (torch.round(z) - z).detach() / s).to(v.dtype)
 
@@ -124,10 +126,13 @@ def test_tensor_parallel_with_qat_and_kurtosis_matches_single_process(sp):
             torch.testing.assert_close(out["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
+SAMPLES = 16   # the first-batch init tests draw their batches from the same samples
+
+
 def _first_batch_clips(overrides) -> dict:
     """Every quantizer's clips after one forward of the first global batch (its DP share here)."""
     cfg, _, model, _, _ = build(overrides)
-    batch = next(rank_micro_batches(global_samples(cfg, cfg.train.global_batch_size), cfg.train.micro_batch_size))
+    batch = next(rank_micro_batches(global_samples(cfg, SAMPLES), cfg.train.micro_batch_size))
     model(batch["tokens"], batch["labels"])
     return {n: m.input_quant.clip.detach().clone() for n, m in linears(model) if m.input_quant is not None}
 
@@ -145,6 +150,32 @@ def test_first_batch_init_agrees_over_tp_and_dp(init):
         for name, clip in ref.items():
             torch.testing.assert_close(out[name], clip, atol=1e-6, rtol=1e-5, msg=name)
     assert any(abs(c[0].item() + 2.0) > 0.1 for c in ref.values())     # not the constant init
+
+
+def _clips_after_steps(overrides, steps=2):
+    from pretrain.engine import build_engine
+    from pretrain.trainer import Trainer
+
+    cfg, dims, model, quantizers, penalties = build(overrides)
+    trainer = Trainer(cfg, build_engine(model, cfg, dims), quantizers, penalties)
+    batches = rank_micro_batches(global_samples(cfg, SAMPLES), cfg.train.micro_batch_size)
+    for _ in range(steps):
+        trainer.train_step(batches)
+    return [q.clip.detach().clone() for q in quantizers]
+
+
+@pytest.mark.parametrize("zero", [0, 1, 2])
+def test_first_batch_init_survives_the_optimizer(zero):
+    """The clips a first-batch init sets reach the optimizer's own fp32 copy (ZeRO keeps one): after
+    two steps they sit within two learning-rate steps of the init, not back near the constant."""
+    over = {**QAT, "qat": {**QAT["qat"], "init": "mse"}, "parallel": {"zero_stage": zero}}
+    init = list(run_distributed(_first_batch_clips, 1, {**over, "train": {"micro_batch_size": 2,
+                                                                          "global_batch_size": 2}})[0].values())
+    clips = run_distributed(_clips_after_steps, 1, over)[0]
+    lr = 3e-3                                                    # tests.train_utils.TINY
+    assert len(clips) == len(init) and any((c + 2.0).abs().max() > 0.1 for c in init)
+    for got, want in zip(clips, init):
+        assert (got - want).abs().max() <= 2.5 * lr, (got, want)
 
 
 def test_mse_init_fits_each_input_scale():
