@@ -48,7 +48,7 @@ def command(name: str, args) -> tuple[list[str], dict]:
              "--checkpoint.interval", "0", "--checkpoint.resume", "none", "--train.out_dir", f"{OUT_ROOT}/{name}",
              "--data.paths", f"[{d}/train]", "--data.valid_paths", f"[{d}/valid]",
              "--data.tokenizer", f"{d}/tokenizer.model", "--data.cache_dir", f"{OUT_ROOT}/{name}/index-cache",
-             "--qat.enabled", "true", "--kurtosis.enabled", "true",
+             "--qat.enabled", "true", "--qat.start_step", "0", "--kurtosis.enabled", "true",
              ] + args.train_args.split() + extra
     launcher = [sys.executable] if procs == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                     "--nproc-per-node", str(procs)]

@@ -4,7 +4,8 @@
 # perplexity. Usage: bench/recipes.sh CORPUS_DIR [STEPS] [RECIPE...]; CORPUS_DIR holds
 # jsonl(.xz) training shards and valid.jsonl.xz. Results: runs/recipes/<recipe>/eval.json, logs
 # runs/recipes/<recipe>.log.
-# RECIPE: baseline[-seedN] | qat[-minmax|-mse][-seedN][-kurt-LAMBDA] (-seedN: train.seed, default 1234);
+# RECIPE: baseline[-seedN] | qat[-minmax|-mse][-seedN][-startN][-kurt-LAMBDA] (-seedN: train.seed,
+# default 1234; -startN: qat.start_step);
 # qat alone starts its clips at the qat.init_value constant.
 # TRAIN_ARGS (environment) are appended to every training command, e.g. "--qat.init_value 2.0".
 # JOBS (environment, default 1) recipes share the GPU at a time: small models leave it mostly idle.
@@ -23,7 +24,7 @@ train_shards=$(ls $CORPUS/*.jsonl* | grep -v valid)
     --output-prefix $D/valid --workers 4 --append-eod
 
 recipe() {
-  local r=$1 q=false k=false lam=0 init=constant seed=1234
+  local r=$1 q=false k=false lam=0 init=constant seed=1234 start=0
   case $r in
     baseline|baseline-seed*) ;;
     qat|qat-*) q=true ;;
@@ -33,6 +34,7 @@ recipe() {
   [[ $r == *-mse* ]] && init=mse
   [[ $r == *-kurt-* ]] && { k=true; lam=${r##*-kurt-}; }
   [[ $r == *-seed* ]] && { seed=${r##*-seed}; seed=${seed%%-*}; }
+  [[ $r == *-start* ]] && { start=${r##*-start}; start=${start%%-*}; }
   local out=runs/recipes/$r
   python -m pretrain.train --config configs/125m.yaml --model.vocab_size 8192 --train.steps $STEPS \
       --train.micro_batch_size 16 --train.global_batch_size 64 --optim.warmup_steps $((STEPS / 10)) \
@@ -40,7 +42,7 @@ recipe() {
       --checkpoint.interval 0 --checkpoint.resume none --train.out_dir $out --train.seed $seed \
       --data.paths "[$D/train]" --data.valid_paths "[$D/valid]" --data.tokenizer $D/tokenizer.model \
       --data.cache_dir $out/index-cache \
-      --qat.enabled $q --qat.init $init --kurtosis.enabled $k --kurtosis.lambda $lam ${TRAIN_ARGS:-} 2>&1 \
+      --qat.enabled $q --qat.init $init --qat.start_step $start --kurtosis.enabled $k --kurtosis.lambda $lam ${TRAIN_ARGS:-} 2>&1 \
       | grep -E "step [0-9]+/|valid loss|Error|error"
   python -m quant.evaluate --checkpoint $out --configs W16A16 W4A4 --tasks --ppl-windows 64 \
       --output $out/eval.json 2>&1 | grep -vE "^\[|warn" | tail -4

@@ -115,7 +115,7 @@ def run_variant(spec: str, config: str, micro: int, steps: int, warmup: int, pro
 
     gpus, variant, extra = parse_spec(spec)
     cfg = load_config(config, ["--train.micro_batch_size", str(micro),
-                               "--qat.enabled", str(variant.startswith("ours-qat")).lower(),
+                               "--qat.enabled", str(variant.startswith("ours-qat")).lower(), "--qat.start_step", "0",
                                "--kurtosis.enabled", str(variant == "ours-qat").lower()]
                       + [f"--{kv}" for kv in extra])
     world = world_size_from_env()
