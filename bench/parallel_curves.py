@@ -1,9 +1,11 @@
 """Do parallel layouts train like one GPU? The same model, data and seed trained under each layout
 (`pretrain.train`, QAT + kurtosis on, bf16), its per-step loss compared with the one-GPU run's.
 
-bf16 noise is measured in the same run: the one-GPU run repeated in fp32 differs from the bf16 one
-only by rounding, so its distance from the bf16 curve is the yardstick. A layout follows the one-GPU
-curve within bf16 noise when its mean |loss difference| over the steps is no larger than that.
+bf16 noise is measured in the same run: the one-GPU run repeated with half the micro-batch and twice
+the accumulation ("noise") takes mathematically the same steps, so its distance from the reference
+curve is rounding alone; that is the yardstick. A layout follows the one-GPU curve within bf16 noise
+when its mean |loss difference| over the steps is no larger than that. ("fp32" runs the reference in
+fp32 for comparison: on the H200 it drifted 0.08 above the bf16 curve over 200 steps, more than noise.)
 Every layout starts from the same weights (`pretrain.parallelize.build_model`) and reads the same
 samples in the same order (`data_prep.micro_batches` does not depend on DP).
 
@@ -25,9 +27,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.train_step import NO_MULTICAST  # noqa: E402
 
-# name: (processes, overrides); "ref" is the one-GPU bf16 run, "fp32" its rounding-free twin.
+# name: (processes, overrides); "ref" is the one-GPU bf16 run, "noise" the same steps rounded differently.
 LAYOUTS = {
     "ref": (1, []),
+    "noise": (1, ["--train.micro_batch_size", "HALF"]),
     "fp32": (1, ["--train.bf16", "false"]),
     "tp2": (2, ["--parallel.tensor", "2"]),
     "tp2-sp": (2, ["--parallel.tensor", "2", "--parallel.sequence_parallel", "true"]),
@@ -40,6 +43,7 @@ OUT_ROOT = "runs/parallel_curves"
 
 def command(name: str, args) -> tuple[list[str], dict]:
     procs, extra = LAYOUTS[name]
+    extra = [str(args.micro_batch // 2) if e == "HALF" else e for e in extra]
     d = args.data
     train = ["-m", "pretrain.train", "--config", args.config, "--train.steps", str(args.steps),
              "--train.micro_batch_size", str(args.micro_batch), "--train.global_batch_size", str(args.global_batch),
@@ -105,9 +109,9 @@ def compare(names: list[str]) -> dict:
         rows[name] = {"steps": len(steps), "mean_abs_diff": sum(diff) / len(diff), "max_abs_diff": max(diff),
                       "last10_loss": sum(cur[s] for s in last) / len(last), "valid_loss": valid_loss(name),
                       "first_loss": cur[steps[0]], "curve": [cur[s] for s in steps]}
-    noise = rows["fp32"]["mean_abs_diff"] if "fp32" in rows else None
+    noise = rows["noise"]["mean_abs_diff"] if "noise" in rows else None
     for name, row in rows.items():
-        if noise and name not in ("ref", "fp32"):
+        if noise and name not in ("ref", "noise", "fp32"):
             row["vs_bf16_noise"] = row["mean_abs_diff"] / noise
             row["within_noise"] = row["mean_abs_diff"] <= noise
     return rows
@@ -138,7 +142,8 @@ def main():
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--micro-batch", type=int, default=16)
     p.add_argument("--global-batch", type=int, default=32)
-    p.add_argument("--layouts", default=",".join(LAYOUTS), help=f"subset of {','.join(LAYOUTS)} (ref is always run)")
+    p.add_argument("--layouts", default="noise,tp2,pp2,dp2-zero1,dp2-zero2",
+                   help=f"subset of {','.join(LAYOUTS)} (ref is always run)")
     p.add_argument("--train-args", default="", help="extra pretrain.train overrides for every layout")
     p.add_argument("--dry-run", action="store_true", help="CPU check with gloo (fp32 everywhere)")
     args = p.parse_args()
