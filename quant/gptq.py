@@ -91,6 +91,10 @@ def _batches(windows: torch.Tensor, batch_size: int):
     return [windows[i:i + batch_size] for i in range(0, len(windows), batch_size)]
 
 
+class _InputRecorded(Exception):
+    """Ends a calibration forward once the linear being calibrated has seen its input."""
+
+
 @torch.no_grad()
 def quantize_model(model, windows: torch.Tensor, spec: QuantSpec, batch_size: int = 8):
     """Quantize the block linears of a TP=1 GPT in place (weights become their dequantized
@@ -119,10 +123,14 @@ def quantize_model(model, windows: torch.Tensor, spec: QuantSpec, batch_size: in
                 def record(module, args, acc=acc):
                     with hessian_t:
                         acc.add(args[0])             # one forward batch
+                    raise _InputRecorded             # the rest of the block is not needed
 
                 handle = linear.register_forward_pre_hook(record)
                 for h in hidden:
-                    block(h)
+                    try:
+                        block(h)
+                    except _InputRecorded:
+                        pass
                 handle.remove()
                 with solve_t:
                     qw = quantize_distributed({name: weight}, {name: acc}, spec.solve,
