@@ -23,14 +23,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-FIELDS = ("codes", "scales", "zeros", "g_idx")
+from quant.rtn import QuantizedWeight  # noqa: E402
 
 
 def digest(results: dict) -> str:
     """sha256 over the bytes of every QuantizedWeight tensor, by sorted name then field."""
     h = hashlib.sha256()
     for name in sorted(results):
-        for field in FIELDS:
+        for field in QuantizedWeight.TENSORS:
             t = getattr(results[name], field).detach().cpu().contiguous()
             h.update(f"{name}.{field}:{t.dtype}:{tuple(t.shape)}".encode())
             h.update(t.flatten().view(torch.uint8).numpy().tobytes())

@@ -40,8 +40,8 @@ _D1 = tl.constexpr(2 * _BETA)
 _D2 = tl.constexpr(6 * _BETA * _KAPPA)
 _SILU_T1 = tl.constexpr(_LOG2E)
 # Launch settings measured on one H200 (bf16; GELU on 16384 x 8192, SwiGLU on 16384 x 16384):
-# forward 4096 elements of h per program on 4 warps. Backward (CUDA-graph replay, the committed
-# kernel beside it in .scratch/bwd/bench.py): tiles of 1024 elements of h, the next tile's loads
+# forward 4096 elements of h per program on 4 warps. Backward (CUDA-graph replay, the previous
+# kernel beside it, settings as in bench/kernels_sweep.py; 2026-11-24): tiles of 1024 elements of h, the next tile's loads
 # issued before the current tile's math; GELU 16 tiles per program on 4 warps: 0.211-0.220 ms =
 # 0.87-0.90 of a device copy (was 0.243-0.250 ms = 0.77-0.79; bench/kernels.py 0.222 ms, on par with
 # the plain gelu_backward), where 8 or 32 tiles, 512-element tiles on 2 warps, or no prefetch

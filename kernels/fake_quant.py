@@ -35,8 +35,8 @@ MAX_BITS = 16  # keeps z below 2^22, where the magic-number rounding below is ex
 # interpreter fallback, and this is exact on both).
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 _TILE = 4096            # elements per program and tile
-# Backward launch settings, measured on one H200 (bf16, CUDA-graph replay, the committed kernel
-# beside it in .scratch/bwd/bench.py): 4096 elements per program (one tile) on 8 warps: 0.0516 ms =
+# Backward launch settings, measured on one H200 (bf16, CUDA-graph replay, the previous kernel
+# beside it, settings as in bench/kernels_sweep.py; 2026-11-24): 4096 elements per program (one tile) on 8 warps: 0.0516 ms =
 # 0.96 of a device copy at 16384 x 2048 contiguous (was 0.0643 ms = 0.77), 0.0523 ms = 0.95 on the
 # attention-output layout (was 0.0656 = 0.76), 0.196-0.200 ms = 0.96 at 16384 x 8192 (was 0.93).
 # 4 warps measured the same, 2048-element programs 1-2% slower, 8192-16384 5-10%; more tiles per

@@ -31,8 +31,8 @@ from .fake_quant import (_ROUND_MAGIC, add_clipped, check_clipped, check_quant_a
 KINDS = ("layernorm", "rmsnorm")
 MAX_N = 16384  # whole rows live in registers (measured up to 8192; wider ones spill)
 
-# Launch settings, measured on one H200 (forward: .scratch/norm/bench.py; backward:
-# .scratch/normbwd/bench*.py, GPU time by CUDA-graph replay, bf16, 16384 rows). Forward: tiles of
+# Launch settings, measured on one H200 (GPU time by CUDA-graph replay, bf16, 16384 rows; one-off
+# sweeps of 2026-11-23/24, the results in docs/benchmarks.md). Forward: tiles of
 # 4096 elements, 32 per thread (2048: 2 rows on 4 warps). Backward: one row per step for rows of
 # 1024 and more, 16 elements per thread (2048: 4 warps, 4096: 8), the next row prefetched, and as
 # many programs as are resident at once: the kernel takes up to 128 registers per thread (126 at

@@ -131,9 +131,6 @@ def reduce_hessian(acc: HessianAccumulator, dst: Optional[int] = None,
     return _scaled(total, int(count.item()))
 
 
-_QW_TENSORS = ("codes", "scales", "zeros", "g_idx")
-
-
 def broadcast_quantized(qw: Optional[QuantizedWeight], src: int, group=None,
                         device=None) -> QuantizedWeight:
     """Send ``qw`` from rank ``src`` (within ``group``) to all; other ranks pass None."""
@@ -143,13 +140,13 @@ def broadcast_quantized(qw: Optional[QuantizedWeight], src: int, group=None,
     if is_src:
         meta = [{"bits": qw.bits, "group_size": qw.group_size, "sym": qw.sym, "dim": qw.dim,
                  "tensors": [(tuple(getattr(qw, f).shape), str(getattr(qw, f).dtype))
-                             for f in _QW_TENSORS]}]
+                             for f in QuantizedWeight.TENSORS]}]
         device = qw.codes.device
     obj_device = device if device is not None and torch.device(device).type == "cuda" else None
     dist.broadcast_object_list(meta, global_src, group=group, device=obj_device)
     meta = meta[0]
     tensors = []
-    for field, (shape, dtype) in zip(_QW_TENSORS, meta["tensors"]):
+    for field, (shape, dtype) in zip(QuantizedWeight.TENSORS, meta["tensors"]):
         t = getattr(qw, field) if is_src else torch.empty(
             shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=device)
         dist.broadcast(t, global_src, group=group)

@@ -20,7 +20,6 @@ from safetensors.torch import save_file
 from quant.rtn import DIMS, QuantizedWeight, check_bits
 
 FORMAT, VERSION, MANIFEST_KEY = "quantized-linear-weights", 1, "quant_manifest"
-_FIELDS = ("codes", "scales", "zeros", "g_idx")
 
 
 def packing_of(bits: int) -> str:
@@ -66,7 +65,7 @@ def save_quantized(path: str, layers: dict[str, QuantizedWeight], method: str,
         entries[name] = {"shape": list(q.shape), "bits": q.bits, "group_size": q.group_size,
                          "sym": q.sym, "dim": q.dim, "packing": packing_of(q.bits)}
         tensors[f"layer.{name}.codes"] = pack_codes(q.codes, q.bits)
-        for field in _FIELDS[1:]:
+        for field in QuantizedWeight.TENSORS[1:]:
             tensors[f"layer.{name}.{field}"] = getattr(q, field)
     for key, t in extra.items():
         if not t.is_floating_point():
@@ -113,7 +112,7 @@ def _load_layer(name, entry, get) -> QuantizedWeight:
         raise ValueError(f"layer {name!r}: malformed manifest entry {entry} ({e})") from None
     rows, cols = (out, inp) if dim == "oc" else (inp, out)
     codes = unpack_codes(get(f"layer.{name}.codes"), bits, (rows, cols))
-    scales, zeros, g_idx = (get(f"layer.{name}.{f}") for f in _FIELDS[1:])
+    scales, zeros, g_idx = (get(f"layer.{name}.{f}") for f in QuantizedWeight.TENSORS[1:])
     n_groups = scales.shape[-1] if scales.dim() == 2 else -1
     if scales.shape != (rows, n_groups) or zeros.shape != scales.shape \
             or g_idx.shape != (cols,) or zeros.dtype != torch.uint8:

@@ -12,6 +12,7 @@ Rounding is half to even (torch.round). A group with no range (all zeros) gets s
 codes are the zero point and nothing divides by zero.
 """
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -92,6 +93,7 @@ class QuantizedWeight:
     group_size: int
     sym: bool
     dim: str = "oc"
+    TENSORS: ClassVar[tuple[str, ...]] = ("codes", "scales", "zeros", "g_idx")  # the tensor fields, in order
 
     @property
     def shape(self) -> tuple[int, int]:
