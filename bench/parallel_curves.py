@@ -88,7 +88,7 @@ def run_all(names: list[str], args, gpus: int) -> dict:
 
 def losses(name: str) -> dict[int, float]:
     with open(f"{OUT_ROOT}/{name}/metrics.jsonl") as f:
-        return {r["step"]: r["train/loss"] for r in map(json.loads, f)}
+        return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
 
 
 def valid_loss(name: str) -> float | None:

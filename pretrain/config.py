@@ -102,7 +102,7 @@ def _coerce(value, typ, where: str):
     if dataclasses.is_dataclass(typ):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return _from_dict(typ, value, where)
+        return dataclass_from_dict(typ, value, where)
     if typ is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true/false, got {value!r}")
@@ -117,7 +117,8 @@ def _coerce(value, typ, where: str):
     return value
 
 
-def _from_dict(cls, data: dict, prefix: str = ""):
+def dataclass_from_dict(cls, data: dict, prefix: str = ""):
+    """A dataclass from a YAML mapping: types checked, unknown keys refused (naming the known ones)."""
     # A key that is a Python keyword (`lambda`) names the field with a trailing underscore.
     data = {f"{k}_" if keyword.iskeyword(k) else k: v for k, v in data.items()}
     hints = typing.get_type_hints(cls)
@@ -127,6 +128,11 @@ def _from_dict(cls, data: dict, prefix: str = ""):
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown config key {where}{unknown[0]!r}; known keys{' of ' + prefix if prefix else ''}: "
                           f"{', '.join(sorted(names))}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ConfigError(f"{prefix or 'the top level'}: missing required key {missing[0]!r}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 
@@ -161,7 +167,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def config_from_dict(data: dict) -> Config:
-    return _from_dict(Config, data)
+    return dataclass_from_dict(Config, data)
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:

@@ -64,6 +64,13 @@ class MetricsLogger:
             for k, v in values.items():
                 self.writer.add_scalar(k, v, step)
 
+    def validation(self, step: int, loss: float) -> None:
+        """A validation loss: TensorBoard, and its own metrics.jsonl line ({"step", "valid/loss"})."""
+        self.scalars(step, {"valid/loss": loss})
+        if self.jsonl:
+            self.jsonl.write(json.dumps({"step": step, "valid/loss": loss}) + "\n")
+            self.jsonl.flush()
+
     def interval(self, step: int, values: dict) -> None:
         """Log the metrics of the steps since the last call, with rates and ETA."""
         now = time.perf_counter()

@@ -100,7 +100,7 @@ def train(cfg: Config, dims: ParallelDims) -> Trainer:
         if t.eval_interval and trainer.step % t.eval_interval == 0 and trainer.step < t.steps:
             loss = validation_loss()
             if logger and loss is not None:
-                logger.scalars(trainer.step, {"valid/loss": loss})
+                logger.validation(trainer.step, loss)
                 log.info(f"step {trainer.step} | valid loss {loss:.4f}")
         interval = cfg.checkpoint.interval
         if interval and trainer.step % interval == 0:
@@ -116,7 +116,7 @@ def train(cfg: Config, dims: ParallelDims) -> Trainer:
             return trainer
     loss = validation_loss()
     if logger and loss is not None:
-        logger.scalars(trainer.step, {"valid/loss": loss})
+        logger.validation(trainer.step, loss)
         log.info(f"final valid loss {loss:.4f}")
     if saved_step != trainer.step:
         checkpoint.save(engine, trainer, cfg, model)

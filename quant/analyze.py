@@ -7,7 +7,8 @@ kurtosis (mean over tokens of the per-token kurtosis over channels), outlier cha
 rule (mean |x| of the channel > 6 x the layer's mean |x|) and by the LLM.int8 rule (|x| > 6 in
 >= 6 % of tokens in a layer; a dim counts when that holds in >= 25 % of the layers of its input
 width), RMSE between x and its per-token asymmetric quantization at 8 and 4 bits (and on the
-learned clip at the QAT width), mean per-token standard deviation. Per block: standard deviation
+learned clip at the QAT width), mean per-token standard deviation, and the kurtosis of the
+linear's output (what the kurtosis regularizer penalizes at the residual writers). Per block: standard deviation
 of the norm gains and the spectral norm of each weight (power iteration). Writes analysis.json
 and one PNG per metric, each with one line per checkpoint.
 """
@@ -24,7 +25,7 @@ from quant.actquant import fake_quant_per_token, fake_quant_static_clip
 
 log = logging.getLogger("quant")
 OUTLIER_FACTOR, INT8_THRESHOLD, INT8_TOKENS, INT8_LAYERS = 6.0, 6.0, 0.06, 0.25
-PLOTS = ("kurtosis", "outliers_6x", "rmse_a4", "rmse_a8", "token_std", "spectral_norm")
+PLOTS = ("kurtosis", "output_kurtosis", "outliers_6x", "rmse_a4", "rmse_a8", "token_std", "spectral_norm")
 
 
 class InputStats:
@@ -51,10 +52,13 @@ class InputStats:
             c_lo, c_hi = self.clip
             self._add("se_clip", (fake_quant_static_clip(x, c_lo, c_hi, self.clip_bits) - x).pow(2).mean(1).sum().item())
 
+    def add_output(self, y: torch.Tensor) -> None:
+        self._add("output_kurtosis", token_kurtosis(y.detach().reshape(-1, y.shape[-1]).float()).sum().item())
+
     def result(self) -> dict:
         n = self.tokens
         channel_abs = self.sums["abs"] / n
-        out = {"kurtosis": self.sums["kurtosis"] / n,
+        out = {"kurtosis": self.sums["kurtosis"] / n, "output_kurtosis": self.sums["output_kurtosis"] / n,
                "outliers_6x": int((channel_abs > OUTLIER_FACTOR * channel_abs.mean()).sum()),
                "int8_dims": torch.nonzero(self.sums["over6"] / n >= INT8_TOKENS).flatten().tolist(),
                "rmse_a8": (self.sums["se_a8"] / n) ** 0.5, "rmse_a4": (self.sums["se_a4"] / n) ** 0.5,
@@ -101,6 +105,7 @@ def analyze(model, windows: torch.Tensor, qat_bits=None, batch_size: int = 8) ->
         stats[name] = InputStats(q.clip.tolist() if q is not None else None, qat_bits)
         linear.input_quant = None
         handles.append(linear.register_forward_pre_hook(lambda m, args, s=stats[name]: s.add(args[0])))
+        handles.append(linear.register_forward_hook(lambda m, args, y, s=stats[name]: s.add_output(y)))
     start = time.perf_counter()
     for i in range(0, len(windows), batch_size):
         model(windows[i:i + batch_size].to(device))
@@ -132,7 +137,7 @@ def plot(results: dict[str, dict], output: str) -> list[str]:
             ax.plot(range(len(names)), [res["linears"][n][metric] for n in names], marker="o", label=label)
         ax.set_xticks(range(len(names)), [n.removeprefix("blocks.") for n in names], rotation=90, fontsize=7)
         ax.set_ylabel(metric)
-        if metric == "kurtosis":
+        if metric in ("kurtosis", "output_kurtosis"):
             ax.set_yscale("log")
         ax.set_title(f"{metric} per linear input")
         ax.legend()

@@ -6,11 +6,16 @@ the dequantized weight of its integer codes. Embeddings and the LM head stay 16-
 
 - weights: codes from a quantized checkpoint (quant.gptq) when it has this bit width, else
   min-max RTN per output channel (asymmetric; 8 bits: symmetric int8 vector-wise, quant.int8).
-- activations 8: per-token symmetric int8. With 8-bit weights and no checkpoint codes the layer
-  runs the W8A8 vector-wise INT8 GEMM (quant.int8: torch._int_mm on GPU, exact integers on CPU).
-- activations at the QAT width of a QAT model: the learned static clip ("native A4"); otherwise
-  per-token dynamic asymmetric min-max. Dequantized codes times dequantized weights is the exact
-  simulation of the integer GEMM up to float rounding (Hopper has no INT4 MMA).
+- activations of a QAT model, at any width below 16: its learned static clip range on that width's
+  grid (at the QAT width exactly what training saw, "native A4"; at 8 bits a finer grid over the
+  same range: a QAT model trained on clamped inputs falls apart on unclamped ones, see
+  docs/studies/w4a4-125m).
+- other models' activations: 8 bits per-token symmetric int8 (with 8-bit weights and no checkpoint
+  codes the layer runs the W8A8 vector-wise INT8 GEMM, quant.int8: torch._int_mm on GPU, exact
+  integers on CPU); 4 bits and below per-token dynamic asymmetric min-max.
+
+Dequantized codes times dequantized weights is the exact simulation of the integer GEMM up to
+float rounding (Hopper has no INT4 MMA).
 """
 import functools
 from typing import Callable, Optional
@@ -72,11 +77,9 @@ def _act_quantizer(bits: int, clip: Optional[torch.Tensor]) -> Optional[ActQuant
 
 
 @torch.no_grad()
-def convert(model, weights: int, acts: int, quantized: Optional[dict[str, QuantizedWeight]] = None,
-            qat_bits: Optional[int] = None) -> dict[str, str]:
+def convert(model, weights: int, acts: int, quantized: Optional[dict[str, QuantizedWeight]] = None) -> dict[str, str]:
     """Make ``model`` (TP=1, QAT quantizers as loaded) compute with ``weights``-bit weights and
-    ``acts``-bit activations, in place. ``quantized``: codes by linear name (from quant.gptq);
-    ``qat_bits``: the QAT activation width, whose learned clips are used at that width.
+    ``acts``-bit activations, in place. ``quantized``: codes by linear name (from quant.gptq).
     Returns {"weights": source, "acts": quantizer kind} describing what was done."""
     for bits, what in ((weights, "weights"), (acts, "acts")):
         if bits not in BITS:
@@ -85,7 +88,7 @@ def convert(model, weights: int, acts: int, quantized: Optional[dict[str, Quanti
     weight_src, act_kinds = set(), set()
     for name, linear in block_linears(model):
         qat = linear.input_quant
-        clip = qat.clip.detach().float() if qat is not None and acts == qat_bits else None
+        clip = qat.clip.detach().float() if qat is not None and acts < 16 else None
         weight = linear.weight
         linear.input_quant = _act_quantizer(acts, clip)
         q = quantized.get(name)

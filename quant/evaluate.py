@@ -14,13 +14,15 @@ import argparse
 import json
 import logging
 import math
+import re
 import time
 
 import torch
 import torch.nn.functional as F
 
 log = logging.getLogger("quant")
-CONFIGS = {"W16A16": (16, 16), "W8A8": (8, 8), "W4A16": (4, 16), "W4A4": (4, 4)}
+CONFIGS = {"W16A16": (16, 16), "W8A8": (8, 8), "W4A16": (4, 16), "W4A4": (4, 4)}   # the default table
+CONFIG_NAME = re.compile(r"^W(16|8|4|3|2)A(16|8|4|3|2)$")                          # any of quant.convert.BITS
 LOWER_IS_BETTER = ("ppl",)
 
 
@@ -45,6 +47,14 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, label: str = "
 
 def config_name(weights: int, acts: int) -> str:
     return f"W{weights}A{acts}"
+
+
+def parse_config(name: str) -> tuple[int, int]:
+    """``"W3A16"`` -> (3, 16); raises ValueError for anything that is not a WxAy name."""
+    m = CONFIG_NAME.match(name)
+    if not m:
+        raise ValueError(f"{name!r} is not a configuration name like W4A4 (bits 16, 8, 4, 3 or 2)")
+    return int(m.group(1)), int(m.group(2))
 
 
 def degradation_table(scores: dict[str, dict[str, float]], baseline: str = "W16A16") -> dict:
@@ -80,7 +90,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--weights", type=int, choices=(16, 8, 4), help="one configuration (with --acts), "
                    "evaluated next to W16A16; default: all of " + ", ".join(CONFIGS))
     p.add_argument("--acts", type=int, choices=(16, 8, 4))
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), help="configurations to run")
+    p.add_argument("--configs", nargs="+", metavar="WxAy", help=f"configurations to run (default {' '.join(CONFIGS)}; "
+                   "any weight/activation bits of 16, 8, 4, 3, 2, e.g. W3A16)")
     p.add_argument("--tasks", nargs="*", default=list(TASKS), help=f"zero-shot tasks of {TASKS}; none: skip")
     p.add_argument("--limit", type=int, help="examples per zero-shot task (quick runs)")
     p.add_argument("--ppl-windows", type=int, help="at most this many perplexity windows per corpus")
@@ -91,6 +102,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--weights and --acts go together")
     if args.weights is not None and args.configs:
         p.error("give either --weights/--acts or --configs")
+    for name in args.configs or ():
+        try:
+            parse_config(name)
+        except ValueError as e:
+            p.error(str(e))
     return args
 
 
@@ -98,7 +114,7 @@ def selected_configs(args) -> dict[str, tuple[int, int]]:
     if args.weights is not None:
         return {"W16A16": (16, 16), config_name(args.weights, args.acts): (args.weights, args.acts)}
     names = args.configs or list(CONFIGS)
-    return {n: CONFIGS[n] for n in (["W16A16"] if "W16A16" not in names else []) + names}
+    return {n: parse_config(n) for n in (["W16A16"] if "W16A16" not in names else []) + names}
 
 
 def main(argv=None) -> dict:
@@ -123,12 +139,11 @@ def main(argv=None) -> dict:
             raise ValueError(f"{args.quantized} was made from a different model than {ckpt.path}")
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     sets = {name: w[:args.ppl_windows] for name, w in perplexity_sets(tokenizer, cfg.model.seq_length).items()}
-    qat_bits = cfg.qat.bits if cfg.qat.enabled else None
     scores, described = {}, {}
     for name, (weights, acts) in selected_configs(args).items():
         t0 = time.perf_counter()
         model = build_model(ckpt, device)
-        described[name] = convert(model, weights, acts, quantized, qat_bits)
+        described[name] = convert(model, weights, acts, quantized)
         log.info(f"{name}: weights {described[name]['weights']}; activations {described[name]['acts']}")
         scores[name] = {f"{corpus}_ppl": perplexity(model, w, args.batch_size, f"{name} {corpus}")
                         for corpus, w in sets.items()}

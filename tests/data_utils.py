@@ -58,4 +58,4 @@ def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
 def losses(out_dir: str) -> dict[int, float]:
     """step -> logged training loss, from the run's metrics.jsonl (the last record of each step)."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return {r["step"]: r["train/loss"] for r in map(json.loads, f)}
+        return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}

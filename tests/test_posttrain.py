@@ -162,12 +162,24 @@ def evaluation_checks():
     cfg, model = tiny_model(qat=True)
     layer = model.blocks[0].attn.qkv
     layer.input_quant.clip.data = torch.tensor([-1.5, 2.0])
-    convert(model, 4, 4, q4, qat_bits=cfg.qat.bits)
+    convert(model, 4, 4, q4)
     yc = layer(x).reshape(-1, 96).double()
     s = 15 / 3.5
     x_hat = torch.round((xt.clamp(-1.5, 2.0) + 1.5) * s) / s - 1.5
     handc = x_hat @ (cw.double() * sw).T + b
-    return got_ppl, hand_ppl, (y8, hand8), (y4, hand4), (yc, handc)
+
+    # W8A8 (QAT): the same learned clip range on the 8-bit grid, int8 vector-wise weights.
+    cfg, model = tiny_model(qat=True)
+    layer = model.blocks[0].attn.qkv
+    layer.input_quant.clip.data = torch.tensor([-1.5, 2.0])
+    w = layer.weight.detach().clone().double()
+    convert(model, 8, 8)
+    y8c = layer(x).reshape(-1, 96).double()
+    s8 = 255 / 3.5
+    x_hat8 = torch.round((xt.clamp(-1.5, 2.0) + 1.5) * s8) / s8 - 1.5
+    sw8 = w.abs().amax(1, keepdim=True) / 127
+    hand8c = x_hat8 @ (torch.round(w / sw8) * sw8).T + b
+    return got_ppl, hand_ppl, (y8, hand8), (y4, hand4), (yc, handc), (y8c, hand8c)
 
 
 def test_perplexity_and_converted_layers_match_hand_computation():

@@ -1,0 +1,181 @@
+"""The study runner and report: plans are checked before any work; a two-arm plan of the tiny
+config runs end to end through the command lines (train, GPTQ, evaluate, analyze at two points);
+a rerun skips finished runs and redoes only what is missing; two result directories merge into one
+report whose numbers are the arms' own quant.evaluate JSONs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from pretrain.config import ConfigError
+from study import report, results
+from study.plan import load_plan
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "study", "tiny.yaml")
+
+
+def plan_file(tmp_path, **changes) -> str:
+    with open(TINY) as f:
+        raw = yaml.safe_load(f)
+    raw.update(changes)
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_runs_points_lengths_and_schedule(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    plan = load_plan(plan_file(tmp_path, lengths=[4, 6], warmup_fraction=0.25, qat_start_fraction=0.5,
+                               fractions=[0.25, 0.5]))
+    runs = {r.id: r for r in plan.runs()}
+    assert list(runs) == ["baseline-seed1234", "baseline-seed1234-steps4", "baseline-seed1234-steps6",
+                          "qat-kurt-seed1234", "qat-kurt-seed1234-steps4", "qat-kurt-seed1234-steps6"]
+    assert runs["baseline-seed1234"].points == (2, 4, 8)            # the fractions and always the end
+    assert runs["qat-kurt-seed1234-steps6"].points == (6,)
+    cfg = plan.run_config(runs["qat-kurt-seed1234-steps4"], "out/x", "out/data")
+    assert (cfg.train.steps, cfg.optim.warmup_steps, cfg.qat.start_step) == (4, 1, 2)
+    assert cfg.qat.enabled and cfg.kurtosis.enabled and cfg.model.num_layers == 2
+    assert cfg.data.paths == ["out/data/train"] and cfg.model.vocab_size == 1024
+    assert cfg.data.cache_dir == "out/x/index-cache"
+    base = plan.run_config(runs["baseline-seed1234"], "out/b", "out/data")
+    assert not base.qat.enabled and not base.kurtosis.enabled and base.train.steps == 8
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"arms": [{"name": "baseline", "overrides": {"qat.enabeld": False}}]},
+     r"arm baseline: unknown config key qat.'enabeld'; known keys of qat: bits, enabled"),
+    ({"arms": [{"name": "baseline", "overide": {}}]}, r"unknown config key arms\[0\].'overide'"),
+    ({"arms": [{"overrides": {}}]}, r"arms\[0\]: missing required key 'name'"),
+    ({"base": "configs/nope.yaml"}, r"base config 'configs/nope.yaml' not found"),
+    ({"baseline": "nope"}, r"baseline arm 'nope' is not among the arms \(baseline, qat-kurt\)"),
+    ({"fractions": [0.5, 1.5]}, r"fractions must lie in \(0, 1\]"),
+    ({"posttrain": [{"name": "w", "configs": ["W5A4"]}]}, r"posttrain w: 'W5A4' is not a configuration name"),
+    ({"posttrain": [{"name": "w", "method": "magic"}]}, r"posttrain w: method must be one of"),
+    ({"posttrain": [{"name": "w", "arms": ["qat"]}]}, r"posttrain w: unknown arm 'qat'"),
+    ({"arms": [{"name": "a-seed1"}, {"name": "baseline"}]}, r"arm name 'a-seed1'"),
+    ({"arms": [{"name": "baseline"}, {"name": "baseline"}]}, r"arm 'baseline' appears twice"),
+])
+def test_bad_plans_are_refused_before_any_work(tmp_path, monkeypatch, changes, message):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ConfigError, match=message):
+        load_plan(plan_file(tmp_path, **changes))
+
+
+def cli(*args, cwd=REPO):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return done.returncode, done.stdout + done.stderr
+
+
+def test_cli_refuses_unknown_arm_and_index(tmp_path):
+    code, out = cli("study", "--plan", TINY, "--arms", "qat", "--out", str(tmp_path))
+    assert code == 2 and "plan error: --arms: no arm 'qat' in" in out and "(arms: baseline, qat-kurt)" in out
+    code, out = cli("study", "--plan", TINY, "--index", "5", "--list")
+    assert code == 2 and "--index 5: the selection has 2 runs (0..1)" in out
+    code, out = cli("study", "--plan", TINY, "--list", "--seeds", "1234")
+    assert code == 0 and out.strip().splitlines()[-2:] == ["baseline-seed1234", "qat-kurt-seed1234"]
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    """The tiny plan's two arms run into two study directories (as on two machines)."""
+    root = tmp_path_factory.mktemp("study")
+    dirs = {}
+    for arm in ("baseline", "qat-kurt"):
+        dirs[arm] = str(root / arm)
+        code, out = cli("study", "--plan", TINY, "--out", dirs[arm], "--arms", arm, "--progress-interval", "5")
+        assert code == 0, out[-4000:]
+    return dirs
+
+
+def eval_values(study_dir: str, run_id: str) -> dict:
+    """{step: {spec: {config: {metric: value}}}} straight from the run's quant.evaluate JSONs."""
+    found = {}
+    for p in results.read(study_dir, run_id)["points"]:
+        for spec, rel in p["eval_files"].items():
+            with open(os.path.join(study_dir, rel)) as f:
+                table = json.load(f)["table"]
+            found.setdefault(p["step"], {})[spec] = {c: {m: v["value"] for m, v in cells.items()}
+                                                     for c, cells in table.items()}
+    return found
+
+
+@pytest.mark.slow
+def test_two_arm_plan_end_to_end(studies):
+    for arm, d in studies.items():
+        r = results.read(d, f"{arm}-seed1234")
+        assert r["complete"] and [p["step"] for p in r["points"]] == [4, 8]
+        assert r["config"]["qat"]["enabled"] == (arm == "qat-kurt")
+        for p in r["points"]:
+            assert list(p["eval"]["gptq-w4g32"]["table"]) == ["W16A16", "W8A8", "W4A16", "W4A4"]
+            assert p["valid_loss"] is not None and p["tokens"] == p["step"] * 16 * 64
+            assert len(p["analysis"]["linears"]) == 8 and p["analysis"]["mean_output_kurtosis_residual"] > 0
+        steps = [c["step"] for c in r["curve"] if "train/loss" in c]
+        assert steps == [2, 4, 6, 8]                          # one record per step across both segments
+        for name in ("report.md", "summary.json", "cliff.png", "outliers.png", "kurtosis.png"):
+            assert os.path.getsize(os.path.join(d, name)) > 0
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_runs_and_redoes_only_missing_pieces(studies):
+    d = studies["baseline"]
+    path = results.path(d, "baseline-seed1234")
+    before = open(path).read()
+    code, out = cli("study", "--plan", TINY, "--out", d, "--arms", "baseline")
+    assert code == 0 and "baseline-seed1234: complete, skipped" in out
+    assert open(path).read() == before
+    # As if the allocation had ended during the final point's analysis: only that is redone.
+    r = json.loads(before)
+    del r["points"][-1]["analysis"]
+    r["complete"] = False
+    results.write(d, r)
+    logs = os.path.join(d, "work", "baseline-seed1234", "logs")
+    sizes = {f: os.path.getsize(os.path.join(logs, f)) for f in os.listdir(logs)}
+    code, out = cli("study", "--plan", TINY, "--out", d, "--arms", "baseline")
+    assert code == 0, out[-3000:]
+    grown = {f for f in os.listdir(logs) if os.path.getsize(os.path.join(logs, f)) != sizes[f]}
+    assert grown == {"analyze.log"}
+    again = results.read(d, "baseline-seed1234")
+    assert again["complete"] and again["points"][-1]["analysis"] == json.loads(before)["points"][-1]["analysis"]
+
+
+@pytest.mark.slow
+def test_merged_report_holds_both_arms_with_the_eval_json_numbers(studies, tmp_path):
+    out = str(tmp_path / "merged")
+    code, text = cli("study.report", studies["baseline"], studies["qat-kurt"], "--output", out)
+    assert code == 0, text
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert set(summary["runs"]) == {"baseline-seed1234", "qat-kurt-seed1234"}
+    for arm, d in studies.items():
+        run_id = f"{arm}-seed1234"
+        want = eval_values(d, run_id)
+        got = {p["step"]: p["eval"] for p in summary["runs"][run_id]["points"]}
+        assert got == want
+        assert results.read(out, run_id) == results.read(d, run_id)      # merged copies written
+    md = open(os.path.join(out, "report.md")).read()
+    # The headline cell: the QAT arm's final W4A4 against the baseline's W16A16, as the JSONs give it.
+    base = eval_values(studies["baseline"], "baseline-seed1234")[8]["gptq-w4g32"]["W16A16"]["wikitext2_ppl"]
+    qat = eval_values(studies["qat-kurt"], "qat-kurt-seed1234")[8]["gptq-w4g32"]["W4A4"]["wikitext2_ppl"]
+    row = next(line for line in md.splitlines() if line.startswith("| qat-kurt (QAT) |"))
+    assert f"**{100 * (qat / base - 1):+.1f} %**" in row
+    assert "† activations unquantized" in md and " †" in row
+
+
+def test_merge_unions_points_and_refuses_other_configs(tmp_path):
+    def result(points, complete, lr=1e-3):
+        return {"id": "a-seed1", "arm": "a", "seed": 1, "steps": 8, "complete": complete, "curve": [{"step": 2}] * len(points),
+                "config": {"optim": {"lr": lr}, "train": {"out_dir": str(tmp_path)}},
+                "points": [{"step": s, "eval": {}} for s in points]}
+    results.write(str(tmp_path / "x"), result([4], False))
+    results.write(str(tmp_path / "y"), result([4, 8], True))
+    merged = results.merge([str(tmp_path / "x"), str(tmp_path / "y")])
+    assert [p["step"] for p in merged["a-seed1"]["points"]] == [4, 8] and merged["a-seed1"]["complete"]
+    results.write(str(tmp_path / "z"), result([4], False, lr=2e-3))
+    with pytest.raises(ConfigError, match="a-seed1: the copies in .* were trained with different configs"):
+        results.merge([str(tmp_path / "x"), str(tmp_path / "z")])
+    assert report.change(110.0, 100.0) == pytest.approx(10.0)
