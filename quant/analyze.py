@@ -2,7 +2,9 @@
 
     python -m quant.analyze --checkpoint runs/qat --compare runs/baseline --output runs/analysis
 
-Per linear input, on calibration windows of the C4 calibration slice (16-bit activations):
+Per linear input, on calibration windows of the C4 calibration slice, measured before the input is
+quantized: a QAT model runs as trained (its learned clips quantize each input; without them its
+activations are not the trained network's), other models on 16-bit activations:
 kurtosis (mean over tokens of the per-token kurtosis over channels), outlier channels by the 6x
 rule (mean |x| of the channel > 6 x the layer's mean |x|) and by the LLM.int8 rule (|x| > 6 in
 >= 6 % of tokens in a layer; a dim counts when that holds in >= 25 % of the layers of its input
@@ -95,15 +97,16 @@ def spectral_norm(weight: torch.Tensor, iters: int = 100, seed: int = 0) -> floa
 
 @torch.no_grad()
 def analyze(model, windows: torch.Tensor, qat_bits=None, batch_size: int = 8) -> dict:
-    """All metrics of a TP=1 GPT over calibration windows [n, seq] (QAT quantizers bypassed)."""
-    from quant.convert import block_linears
+    """All metrics of a TP=1 GPT over calibration windows [n, seq]; QAT quantizers become
+    evaluation quantizers of the same clips, so the hooks see each input before quantization."""
+    from quant.convert import act_quantizer, block_linears
 
     device = next(model.parameters()).device
     stats, handles = {}, []
     for name, linear in block_linears(model):
         q = linear.input_quant
         stats[name] = InputStats(q.clip.tolist() if q is not None else None, qat_bits)
-        linear.input_quant = None
+        linear.input_quant = act_quantizer(qat_bits, q.clip.detach().float()) if q is not None else None
         handles.append(linear.register_forward_pre_hook(lambda m, args, s=stats[name]: s.add(args[0])))
         handles.append(linear.register_forward_hook(lambda m, args, y, s=stats[name]: s.add_output(y)))
     start = time.perf_counter()

@@ -64,7 +64,8 @@ def block_linears(model) -> list[tuple[str, torch.nn.Module]]:
     return [(n, m) for n, m in linears(model) if n.endswith(BLOCK_LINEAR_SUFFIXES)]
 
 
-def _act_quantizer(bits: int, clip: Optional[torch.Tensor]) -> Optional[ActQuant]:
+def act_quantizer(bits: int, clip: Optional[torch.Tensor]) -> Optional[ActQuant]:
+    """The evaluation-time activation quantizer of one linear input (None at 16 bits)."""
     if bits == 16:
         return None
     if clip is not None:
@@ -90,7 +91,7 @@ def convert(model, weights: int, acts: int, quantized: Optional[dict[str, Quanti
         qat = linear.input_quant
         clip = qat.clip.detach().float() if qat is not None and acts < 16 else None
         weight = linear.weight
-        linear.input_quant = _act_quantizer(acts, clip)
+        linear.input_quant = act_quantizer(acts, clip)
         q = quantized.get(name)
         if q is not None and q.shape != tuple(weight.shape):
             raise ValueError(f"{name}: quantized shape {q.shape} does not match the weight {tuple(weight.shape)}")

@@ -4,8 +4,9 @@ Every run of the plan (arm x seed x length) is pretrained, and at each evaluatio
 (quant.gptq), evaluated (quant.evaluate) and analyzed (quant.analyze); each run's numbers land in
 OUT/arms/<run id>/result.json, and OUT/report.md, summary.json and the plots are made at the end
 (or any time with ``python -m study.report OUT``). A rerun skips complete runs and continues partial
-ones. Exit codes: 0 all selected runs complete, 1 a run failed (the others still ran), 2 a bad
-plan or argument (refused before any work).
+ones. SIGTERM / SIGUSR1 make the training processes save and the study stop (exit 0; a rerun
+continues). Exit codes: 0 all selected runs complete or stopped by a signal, 1 a run failed (the
+others still ran), 2 a bad plan or argument (refused before any work).
 
     python -m study --plan P --out DIR --concurrent 4            # 4 runs share one GPU
     python -m study --plan P --out DIR --concurrent 8 --devices 0,1,2,3,4,5,6,7   # one run per GPU
@@ -14,13 +15,16 @@ plan or argument (refused before any work).
     python -m study --plan P --out DIR --index $SLURM_ARRAY_TASK_ID   # one run (job arrays)
 """
 import argparse
+import contextlib
 import logging
 import sys
 
-from pretrain.config import ConfigError
-from study.plan import load_plan
-from study.report import make_report
-from study.runner import Runner
+with contextlib.redirect_stdout(sys.stderr):   # import-time library lines (DeepSpeed's accelerator
+    from pretrain.config import ConfigError     # notice) go to stderr: stdout of --list is the ids alone
+    from study import results
+    from study.plan import load_plan
+    from study.report import make_report
+    from study.runner import Runner
 
 log = logging.getLogger("study")
 
@@ -72,12 +76,14 @@ def main(argv=None) -> int:
     out = args.out or f"runs/study/{plan.name}"
     devices = args.devices.split(",") if args.devices else None
     try:
-        failed = Runner(plan, out, args.concurrent, devices, args.progress_interval).run_all(runs)
+        failed, stopped = Runner(plan, out, args.concurrent, devices, args.progress_interval).run_all(runs)
     except ConfigError as e:
         print(f"plan error: {e}", file=sys.stderr)
         return 2
-    if not args.no_report:
+    if not args.no_report and results.load_dir(out):
         make_report([out], out, plan)
+    if stopped:
+        log.warning(f"[study] stopped by a signal: {', '.join(stopped)}; run the same command again to continue")
     if failed:
         log.error(f"[study] failed runs: {', '.join(failed)} (their logs are in {out}/work/<id>/logs)")
         return 1

@@ -60,6 +60,13 @@ def _value(point: dict | None, spec: str, config: str, metric: str) -> float | N
     return point["eval"].get(spec, {}).get(config, {}).get(metric)
 
 
+def _any_spec(point: dict | None, config: str, metric: str) -> float | None:
+    """A configuration whose weights stay 16-bit (W16Ax) is the same under every spec: the first found."""
+    if point is None:
+        return None
+    return next((t[config][metric] for t in point["eval"].values() if metric in t.get(config, {})), None)
+
+
 def baseline_w16(summary: dict, run: dict, step: int, spec: str, metric: str) -> float | None:
     """The baseline arm's W16A16 at this run's length and step: same seed if run, else the mean."""
     same = [r for r in summary["runs"].values() if r["arm"] == summary["baseline"] and r["steps"] == run["steps"]]
@@ -136,7 +143,7 @@ def main_table(summary: dict, spec: str) -> str:
                 cell = fmt(stat([_value(p, spec, c, m) for _, p in finals]))
                 row.append(cell + (" †" if qat and c.endswith("A16") and cell != "—" else ""))
         row += [f"**{fmt(stat([headline(summary, r, steps, spec, m) for r in runs]), pct=True)}**" for m in PPL]
-        row += [fmt(stat([change(_value(p, spec, 'W4A4', m), _value(p, spec, own, m)) for _, p in finals]),
+        row += [fmt(stat([change(_value(p, spec, 'W4A4', m), _any_spec(p, own, m)) for _, p in finals]),
                     pct=True) for m in PPL]
         rows.append(row)
     return _table(header, rows)
@@ -266,8 +273,7 @@ def plot(summary: dict, merged: dict, out: str) -> list[str]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(os.path.join(out, "cliff.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    _savefig(fig, paths[-1])
 
     fig, axes = plt.subplots(2, 1, figsize=(12, 7), sharex=True)
     names = None
@@ -296,8 +302,7 @@ def plot(summary: dict, merged: dict, out: str) -> list[str]:
             ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(os.path.join(out, "outliers.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    _savefig(fig, paths[-1])
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, arm in enumerate(arms):
@@ -318,9 +323,24 @@ def plot(summary: dict, merged: dict, out: str) -> list[str]:
     ax.legend(fontsize=7)
     fig.tight_layout()
     paths.append(os.path.join(out, "kurtosis.png"))
-    fig.savefig(paths[-1], dpi=100)
-    plt.close(fig)
+    _savefig(fig, paths[-1])
     return paths
+
+
+def _savefig(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+    tmp = f"{path}.{os.getpid()}.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write(path: str, text: str) -> None:
+    """Atomically, also when several job-array tasks write the report at once."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def make_report(dirs: list[str], out: str, plan=None) -> dict:
@@ -336,13 +356,9 @@ def make_report(dirs: list[str], out: str, plan=None) -> dict:
     if plan is not None:
         summary["baseline"] = plan.baseline
     plan_name = plan.name if plan is not None else next(iter(merged.values()))["plan"]
-    with open(os.path.join(out, "summary.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=1)
-    os.replace(os.path.join(out, "summary.json.tmp"), os.path.join(out, "summary.json"))
+    _write(os.path.join(out, "summary.json"), json.dumps(summary, indent=1))
     plots = plot(summary, merged, out)
-    with open(os.path.join(out, "report.md.tmp"), "w") as f:
-        f.write(write_markdown(summary, out, plots, plan_name))
-    os.replace(os.path.join(out, "report.md.tmp"), os.path.join(out, "report.md"))
+    _write(os.path.join(out, "report.md"), write_markdown(summary, out, plots, plan_name))
     print(f"[study] wrote {out}/report.md, summary.json and {len(plots)} plots from {len(merged)} runs", flush=True)
     return summary
 

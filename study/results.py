@@ -34,14 +34,10 @@ def write(out: str, result: dict) -> None:
     """Atomically (a reader or a crash never sees half a file)."""
     p = path(out, result["id"])
     os.makedirs(os.path.dirname(p), exist_ok=True)
-    with open(p + ".tmp", "w") as f:
+    tmp = f"{p}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=1)
-    os.replace(p + ".tmp", p)
-
-
-def is_complete(out: str, run_id: str) -> bool:
-    r = read(out, run_id)
-    return bool(r and r.get("complete"))
+    os.replace(tmp, p)
 
 
 def machine() -> str:
@@ -101,10 +97,16 @@ def point(result: dict, step: int) -> dict | None:
     return next((p for p in result["points"] if p["step"] == step), None)
 
 
+def spec_done(p: dict, spec) -> bool:
+    """The point holds this spec's evaluation with each of its configurations (a plan that gained a
+    configuration since makes the spec undone)."""
+    return spec.name in p["eval"] and set(spec.configs) <= set(p["eval"][spec.name]["table"])
+
+
 def has_point(result: dict, step: int, specs) -> bool:
     """The point at ``step`` is in with every spec's evaluation and the analysis."""
     p = point(result, step)
-    return p is not None and "analysis" in p and all(s.name in p["eval"] for s in specs)
+    return p is not None and "analysis" in p and all(spec_done(p, s) for s in specs)
 
 
 def add_point(result: dict, point: dict, curve: list[dict]) -> None:

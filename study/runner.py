@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -31,6 +32,10 @@ log = logging.getLogger("study")
 
 class RunFailed(RuntimeError):
     """A command of a run exited non-zero; the message ends with its log's tail."""
+
+
+class Stopped(Exception):
+    """A signal asked the study to stop: training saved its checkpoint; a rerun continues."""
 
 
 def _tail(path: str, lines: int = 15) -> str:
@@ -99,6 +104,8 @@ class Runner:
         self.progress_interval = progress_interval
         self.data_dir = os.path.join(out, "data") if plan.data is not None else None
         self.python = sys.executable
+        self.stopping = threading.Event()
+        self.training = set()          # training process groups, to forward a stop signal to
 
     # ---- paths and commands -------------------------------------------------------------------
     def work(self, run: Run) -> str:
@@ -198,6 +205,8 @@ class Runner:
             at = read_meta(step_dir)["iteration"] if step_dir else 0
             if at > point:
                 continue                     # reported as missing below
+            if self.stopping.is_set():
+                raise Stopped
             if at < point:
                 progress.update(run.id, "train", at)
                 t0 = time.time()
@@ -207,6 +216,9 @@ class Runner:
                 with progress.lock:
                     progress.rate[run.id] = (time.time() - t0) / max(1, point - at)
                 step_dir = latest_checkpoint(os.path.join(work, "checkpoints"))
+                at = read_meta(step_dir)["iteration"]
+                if at != point:            # pretrain.train saved early and exited 0: it got a signal
+                    raise Stopped
             progress.update(run.id, "posttrain", point)
             t0 = time.time()
             self._posttrain(run, point, step_dir, env, logs, result)
@@ -232,12 +244,16 @@ class Runner:
         with open(logfile, "a") as f:
             f.write(f"$ {' '.join(cmd)}\n")
             f.flush()
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
-            while proc.poll() is None:
-                time.sleep(2)
-                step = results.last_step(metrics)
-                if step is not None:
-                    progress.update(run.id, "train", min(step, point))
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.training.add(proc.pid)
+            try:
+                while proc.poll() is None:
+                    time.sleep(2)
+                    step = results.last_step(metrics)
+                    if step is not None:
+                        progress.update(run.id, "train", min(step, point))
+            finally:
+                self.training.discard(proc.pid)
         if proc.returncode != 0:
             raise RunFailed(f"{run.id}: pretrain.train exited {proc.returncode}; {logfile} ends with:\n{_tail(logfile)}")
 
@@ -253,7 +269,7 @@ class Runner:
             results.write(self.out, result)
 
         for spec in self.plan.specs_for(run, point):
-            if spec.name in current["eval"]:
+            if results.spec_done(current, spec):
                 continue
             qdir = os.path.join(here, spec.name)
             gptq = ["--checkpoint", step_dir, "--output", qdir, "--method", spec.method, "--bits", str(spec.bits),
@@ -280,15 +296,35 @@ class Runner:
             record()
 
     # ---- the plan -------------------------------------------------------------------------------
-    def run_all(self, runs: list[Run]) -> list[str]:
-        """Every run, ``concurrent`` at a time; returns the ids of the runs that failed."""
+    def finished(self, run: Run) -> bool:
+        """Every point of the run is evaluated as the plan asks now (not the stored flag: a
+        plan may have gained a spec or configuration since)."""
+        r = results.read(self.out, run.id)
+        return r is not None and all(results.has_point(r, p, self.plan.specs_for(run, p)) for p in run.points)
+
+    def _on_signal(self, signum, frame) -> None:
+        """SIGTERM / SIGUSR1 (SLURM's warning): training processes save and exit (pretrain.train
+        handles both), evaluations in flight finish, nothing new starts."""
+        log.warning(f"[study] signal {signum}: stopping after the training processes have saved")
+        self.stopping.set()
+        for pid in list(self.training):
+            try:
+                os.killpg(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    def run_all(self, runs: list[Run]) -> tuple[list[str], list[str]]:
+        """Every run, ``concurrent`` at a time; returns the ids of the runs that failed and of
+        those a signal stopped."""
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
         self.prepare_data()
-        todo = [r for r in runs if not results.is_complete(self.out, r.id)]
+        todo = [r for r in runs if not self.finished(r)]
         for r in runs:
             if r not in todo:
                 log.info(f"[study] {r.id}: complete, skipped")
         progress = Progress(todo, min(self.concurrent, max(1, len(todo))))
-        failed, stop = [], threading.Event()
+        failed, stopped, stop = [], [], threading.Event()
 
         def monitor():
             while not stop.wait(self.progress_interval):
@@ -304,6 +340,10 @@ class Runner:
                 log.info(f"[study] {run.id}: start ({run.steps} steps, points {list(run.points)})")
                 self.run(run, slot, progress)
                 log.info(f"[study] {run.id}: done")
+            except Stopped:
+                log.warning(f"[study] {run.id}: stopped (checkpoint saved; a rerun continues it)")
+                stopped.append(run.id)
+                progress.update(run.id, "done")
             except (RunFailed, ConfigError, OSError) as e:
                 log.error(f"[study] {run.id} failed: {e}")
                 failed.append(run.id)
@@ -320,4 +360,4 @@ class Runner:
             list(pool.map(one, todo))
         stop.set()
         log.info(progress.line())
-        return failed
+        return failed, stopped

@@ -182,6 +182,39 @@ def evaluation_checks():
     return got_ppl, hand_ppl, (y8, hand8), (y4, hand4), (yc, handc), (y8c, hand8c)
 
 
+def analysis_of_qat_model():
+    """quant.analyze on a QAT model: the inputs it measures are those of the model as trained
+    (W16A4 through quant.convert), seen before quantization."""
+    from quant.analyze import analyze
+    from quant.convert import block_linears, convert
+    from quant.qat import InputQuantizer
+
+    windows = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(5))
+    _, model = tiny_model(qat=True)
+    for m in model.modules():
+        if isinstance(m, InputQuantizer):
+            m.clip.data = torch.tensor([-0.3, 0.4])            # coarse enough to change later layers
+    _, ref = tiny_model(qat=True)
+    ref.load_state_dict(model.state_dict())
+    got = analyze(model, windows, qat_bits=4, batch_size=2)["linears"]
+    convert(ref, 16, 4)
+    seen = {}
+    for name, linear in block_linears(ref):
+        linear.register_forward_pre_hook(lambda m, a, n=name: seen.setdefault(n, []).append(a[0].detach().reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        for i in range(0, 4, 2):
+            ref(windows[i:i + 2])
+    want = {n: torch.cat(xs).std(dim=1, unbiased=False).mean().item() for n, xs in seen.items()}
+    return {n: s["token_std"] for n, s in got.items()}, want
+
+
+def test_analysis_runs_a_qat_model_as_trained():
+    got, want = run_distributed(analysis_of_qat_model, 1)[0]
+    assert got.keys() == want.keys()
+    for name in got:
+        assert got[name] == pytest.approx(want[name], rel=1e-5), name
+
+
 def test_perplexity_and_converted_layers_match_hand_computation():
     got_ppl, hand_ppl, *pairs = run_distributed(evaluation_checks, 1)[0]
     assert got_ppl == pytest.approx(hand_ppl, rel=1e-5)

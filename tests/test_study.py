@@ -4,6 +4,7 @@ a rerun skips finished runs and redoes only what is missing; two result director
 report whose numbers are the arms' own quant.evaluate JSONs."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -179,3 +180,53 @@ def test_merge_unions_points_and_refuses_other_configs(tmp_path):
     with pytest.raises(ConfigError, match="a-seed1: the copies in .* were trained with different configs"):
         results.merge([str(tmp_path / "x"), str(tmp_path / "z")])
     assert report.change(110.0, 100.0) == pytest.approx(10.0)
+
+
+@pytest.mark.slow
+def test_slurm_array_task_preempted_then_requeued_completes(tmp_path):
+    """launch/slurm/study.sbatch as task 0 of an array: the warning signal makes the training save,
+    the task exit 0 and requeue itself; the requeued task continues the run to its end."""
+    from tests.data_utils import ENV, finish
+    from tests.test_faults import _wait_for_steps
+    from tests.test_launch import FAKE_SCONTROL
+
+    with open(TINY) as f:
+        raw = yaml.safe_load(f)
+    raw["overrides"]["train"].update(steps=40, eval_interval=0)
+    raw["fractions"] = [1.0]
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump(raw))
+    bin_dir, log_file, out = tmp_path / "bin", tmp_path / "slurm.log", tmp_path / "study"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM_LOG": str(log_file),
+           "SLURM_ARRAY_JOB_ID": "77", "SLURM_ARRAY_TASK_ID": "0"}
+
+    def task():
+        return subprocess.Popen(["bash", "launch/slurm/study.sbatch", str(plan), str(out), "--progress-interval", "5"],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    work = out / "work" / "baseline-seed1234"
+    proc = task()
+    _wait_for_steps(work, 1, proc, timeout=240)
+    proc.send_signal(signal.SIGUSR1)
+    code, log = finish(proc)
+    assert code == 0, log[-3000:]
+    assert "baseline-seed1234: stopped (checkpoint saved; a rerun continues it)" in log
+    assert log_file.read_text().splitlines() == ["scontrol requeue 77_0"]
+    saved = results_step(work)
+    assert 0 < saved < 40 and results.read(str(out), "baseline-seed1234") is None
+    code, log = finish(task())
+    assert code == 0, log[-3000:]
+    r = results.read(str(out), "baseline-seed1234")
+    assert r["complete"] and [p["step"] for p in r["points"]] == [40]
+    logged = [json.loads(line)["step"] for line in open(work / "metrics.jsonl") if "train/loss" in line]
+    assert logged == list(range(2, 41, 2))                              # no step trained twice
+    assert f"starting at step {saved}" in open(work / "logs" / "train.log").read()
+    assert log_file.read_text().splitlines() == ["scontrol requeue 77_0"]   # not requeued again
+
+
+def results_step(work) -> int:
+    from pretrain.checkpoint import latest_checkpoint, read_meta
+    return read_meta(latest_checkpoint(os.path.join(work, "checkpoints")))["iteration"]
