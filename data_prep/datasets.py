@@ -7,19 +7,29 @@ barrier, then load them. The sample order is a pure function of (data, split, se
 sample counts), so a run is resumed from one number, the consumed samples in its checkpoint.
 """
 import os
+import struct
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.indexed_dataset import (_INDEX_HEADER, DType, IndexedDataset, get_bin_path,
+                                                     get_idx_path)
 
 from data_prep.tokenize import read_sidecar
 from data_prep.tokenizer import file_sha256, load_tokenizer
+
+# megatron-core's .idx layout (its _IndexWriter / _IndexReader): magic, version 1, token dtype code,
+# sequence count, document count; then int32 lengths and int64 byte pointers per sequence, and the
+# int64 document index (first sequence of each document, then the sequence count).
+IDX_HEADER = struct.Struct(f"<{len(_INDEX_HEADER)}sQBQQ")
+IDX_VERSION = 1
+CHECK_CHUNK = 1 << 22  # index entries checked at a time: bounded memory whatever the corpus size
 
 
 @dataclass
@@ -44,6 +54,55 @@ class DataConfig:
 
 def _all_paths(cfg: DataConfig) -> list[str]:
     return cfg.paths + (cfg.valid_paths or [])
+
+
+def check_data_files(cfg: DataConfig) -> None:
+    """Fail before training on missing or broken token files: megatron-core's reader stops at a bare
+    assert on a corrupt index, and a truncated .bin only fails at its first batch, after the model and
+    engine are built."""
+    if not cfg.paths:
+        raise ValueError("data.paths is empty: give at least one dataset prefix")
+    missing = [p for p in _all_paths(cfg) if not IndexedDataset.exists(p)]
+    if missing:
+        raise FileNotFoundError(f"no .bin/.idx dataset at {', '.join(missing)}")
+    for prefix in _all_paths(cfg):
+        _check_indexed_dataset(get_idx_path(prefix), get_bin_path(prefix))
+
+
+def _check_indexed_dataset(idx_path: str, bin_path: str) -> None:
+    """Header, index layout, and that the .bin holds every sequence the index points to."""
+    with open(idx_path, "rb") as f:
+        header = f.read(IDX_HEADER.size)
+    if len(header) < IDX_HEADER.size or not header.startswith(_INDEX_HEADER):
+        raise ValueError(f"{idx_path} is not a megatron-core index (no MMIDIDX header)")
+    _, version, code, n_seq, n_doc = IDX_HEADER.unpack(header)
+    if version != IDX_VERSION:
+        raise ValueError(f"{idx_path} has index version {version}; megatron-core reads version {IDX_VERSION}")
+    try:
+        itemsize = DType.size(code)
+    except ValueError:
+        raise ValueError(f"{idx_path} has unknown token dtype code {code}") from None
+    idx_size, need = os.path.getsize(idx_path), IDX_HEADER.size + 12 * n_seq + 8 * n_doc
+    if idx_size != need:
+        raise ValueError(f"{idx_path} is {idx_size} bytes but its header ({n_seq} sequences, {n_doc} document "
+                         f"index entries) needs {need}")
+    index = np.memmap(idx_path, mode="r")
+    lengths = np.frombuffer(index, np.int32, n_seq, IDX_HEADER.size)
+    pointers = np.frombuffer(index, np.int64, n_seq, IDX_HEADER.size + 4 * n_seq)
+    documents = np.frombuffer(index, np.int64, n_doc, IDX_HEADER.size + 12 * n_seq)
+    if (n_doc == 0 or documents[0] != 0 or documents[-1] != n_seq
+            or any((np.diff(documents[i:i + CHECK_CHUNK + 1]) < 0).any() for i in range(0, n_doc, CHECK_CHUNK))):
+        raise ValueError(f"{idx_path}: its document index does not run in order from 0 to its {n_seq} "
+                         "sequences (corrupt index?)")
+    end = 0  # bytes of the .bin taken by the sequences so far: where the next one starts
+    for i in range(0, n_seq, CHECK_CHUNK):
+        nbytes = lengths[i:i + CHECK_CHUNK] * np.int64(itemsize)
+        if (nbytes < 0).any() or not np.array_equal(pointers[i:i + CHECK_CHUNK], end + np.cumsum(nbytes) - nbytes):
+            raise ValueError(f"{idx_path}: its sequence pointers do not follow its sequence lengths (corrupt index?)")
+        end += int(nbytes.sum())
+    bin_size = os.path.getsize(bin_path)
+    if bin_size < end:
+        raise ValueError(f"{bin_path} is {bin_size} bytes but its index needs {end} (truncated?)")
 
 
 def check_tokenizer(cfg: DataConfig, vocab_size: int) -> None:
@@ -106,11 +165,7 @@ def build_datasets(cfg: DataConfig, seq_length: int, seed: int, train_samples: i
     Call it on every rank (it synchronizes with barriers when torch.distributed is initialized).
     valid is None when there is no validation data (valid fraction 0 and no ``valid_paths``).
     """
-    if not cfg.paths:
-        raise ValueError("data.paths is empty: give at least one dataset prefix")
-    missing = [p for p in _all_paths(cfg) if not IndexedDataset.exists(p)]
-    if missing:
-        raise FileNotFoundError(f"no .bin/.idx dataset at {', '.join(missing)}")
+    check_data_files(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer)
     check_tokenizer(cfg, tokenizer.vocab_size)
     blend = _blend(cfg.paths, cfg.weights)

@@ -31,11 +31,17 @@ class MalformedInputError(ValueError):
 
 @dataclass
 class MalformedLog:
-    """Counts malformed lines over a whole run and fails once there are more than ``limit``."""
+    """Counts malformed lines over a whole run and fails once there are more than ``limit``, or at the
+    end (``check_fraction``) when they are more than ``fraction`` of the input's records."""
     limit: int
+    fraction: float = 1.0
     keep: int = 5
     count: int = 0
     first: list[tuple[str, int, str]] = field(default_factory=list)  # (path, line number, reason)
+
+    def __post_init__(self):
+        if not 0 <= self.fraction <= 1:  # e.g. 5 meant as 5 %
+            raise ValueError(f"the malformed-line fraction limit must be in [0, 1], got {self.fraction}")
 
     def add(self, path: str, line_no: int, reason: str) -> None:
         self.count += 1
@@ -46,6 +52,24 @@ class MalformedLog:
                 f"{self.count} malformed lines, more than the limit of {self.limit} "
                 f"(first: {describe_malformed(self.first)}); "
                 "fix the input, or raise the limit if skipping them is intended")
+
+    def check_fraction(self, records: int) -> None:
+        """Called once the whole input is read: only then is the fraction known (a fraction judged
+        on the first lines would fail a corpus whose bad lines happen to come first)."""
+        if self.count > self.fraction * records:
+            raise MalformedInputError(
+                f"{self.count} malformed lines of {records} input records ({100 * self.count / records:.1f}%), "
+                f"more than the limit of {100 * self.fraction:g}% (first: {describe_malformed(self.first)}); "
+                "fix the input, or raise the limit if skipping them is intended")
+
+
+def add_malformed_options(parser) -> None:
+    """The ``--max-malformed*`` limits of the commands that read raw text (their ``MalformedLog``)."""
+    parser.add_argument("--max-malformed", type=int, default=100,
+                        help="skip up to this many malformed lines; fail when there are more")
+    parser.add_argument("--max-malformed-fraction", type=float, default=0.01,
+                        help="also fail when more than this fraction of the input records (JSON lines, text "
+                             "blocks) is malformed; judged once the whole input is read (0.01 = 1%%)")
 
 
 def describe_malformed(entries) -> str:
@@ -79,6 +103,11 @@ class DocumentReader:
         self.size = os.path.getsize(path)
         self.documents = self.empty = self.malformed = 0
         self._raw: BinaryIO | None = None
+
+    @property
+    def records(self) -> int:
+        """JSON lines or text blocks read, good, empty or malformed: what the malformed fraction is of."""
+        return self.documents + self.empty + self.malformed
 
     @property
     def position(self) -> int:

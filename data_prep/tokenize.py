@@ -28,7 +28,7 @@ import sentencepiece as spm
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 from tqdm import tqdm
 
-from data_prep.documents import DocumentReader, MalformedLog, describe_malformed
+from data_prep.documents import DocumentReader, MalformedLog, add_malformed_options, describe_malformed
 from data_prep.tokenizer import load_tokenizer
 
 CHUNK_CHARS = 1 << 20  # text per task sent to a worker: large enough to amortize the round trip
@@ -92,7 +92,7 @@ def _ordered_map(pool, fn, arg_tuples: Iterable[tuple], depth: int) -> Iterator:
 
 def tokenize_files(inputs: list[str], tokenizer: str, output_prefix: str, workers: int = 1,
                    json_key: str = "text", append_eod: bool = False, max_malformed: int = 100,
-                   overwrite: bool = False) -> dict:
+                   max_malformed_fraction: float = 0.01, overwrite: bool = False) -> dict:
     """Write the dataset ``output_prefix`` from ``inputs``; returns its sidecar."""
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
@@ -101,7 +101,7 @@ def tokenize_files(inputs: list[str], tokenizer: str, output_prefix: str, worker
     existing = [path for path in final.values() if os.path.exists(path)]
     if existing and not overwrite:
         raise FileExistsError(f"{', '.join(existing)} already exist; pass --overwrite to replace them")
-    log = MalformedLog(max_malformed)
+    log = MalformedLog(max_malformed, max_malformed_fraction)
     readers = [DocumentReader(path, log, json_key) for path in inputs]  # checks every input up front
     dtype = np.dtype(DType.optimal_dtype(tok.vocab_size))
     eod = tok.eod if append_eod else None
@@ -128,6 +128,7 @@ def tokenize_files(inputs: list[str], tokenizer: str, output_prefix: str, worker
                 tokens += reader_tokens
                 sources.append({"path": reader.path, "bytes": reader.size, "documents": reader.documents,
                                 "tokens": reader_tokens, "empty": reader.empty, "malformed": reader.malformed})
+        log.check_fraction(sum(r.records for r in readers))
         if documents == 0:
             raise ValueError(f"no documents in {', '.join(inputs)}: nothing written")
         builder.finalize(partial["idx"])
@@ -162,8 +163,7 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=1, help="encoding processes")
     p.add_argument("--json-key", default="text", help="key of the document text in JSON lines")
     p.add_argument("--append-eod", action="store_true", help="end every document with </s>")
-    p.add_argument("--max-malformed", type=int, default=100,
-                   help="skip up to this many malformed lines; fail when there are more")
+    add_malformed_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # preemption: clean up like Ctrl-C

@@ -22,7 +22,7 @@ from typing import Iterator
 import sentencepiece as spm
 from tqdm import tqdm
 
-from data_prep.documents import DocumentReader, MalformedLog
+from data_prep.documents import DocumentReader, MalformedLog, add_malformed_options
 from data_prep.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, file_sha256
 
 
@@ -57,12 +57,14 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 def train_tokenizer(inputs: list[str], vocab_size: int, model_type: str, output: str,
                     json_key: str = "text", max_sentences: int = 2_000_000,
-                    max_sentence_length: int = 16384, max_malformed: int = 100, seed: int = 1234,
+                    max_sentence_length: int = 16384, max_malformed: int = 100,
+                    max_malformed_fraction: float = 0.01, seed: int = 1234,
                     threads: int = os.cpu_count() or 1) -> dict:
     """Train and write ``output.{model,vocab,json}``; returns the metadata written to the JSON file."""
-    log = MalformedLog(max_malformed)
+    log = MalformedLog(max_malformed, max_malformed_fraction)
     readers = [DocumentReader(path, log, json_key) for path in inputs]
     sentences, seen = reservoir_sample(training_sentences(readers), max_sentences, seed)
+    log.check_fraction(sum(r.records for r in readers))
     model = io.BytesIO()  # not model_prefix: SentencePiece would store that path in the model
     spm.set_random_generator_seed(seed)
     spm.SentencePieceTrainer.train(
@@ -110,7 +112,7 @@ def main(argv=None) -> None:
     p.add_argument("--max-sentences", type=int, default=2_000_000,
                    help="sample at most this many lines for training (bounds memory)")
     p.add_argument("--max-sentence-length", type=int, default=16384, help="longer lines (bytes) are skipped")
-    p.add_argument("--max-malformed", type=int, default=100, help="fail when more input lines are malformed")
+    add_malformed_options(p)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)

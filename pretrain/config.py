@@ -137,6 +137,18 @@ def dataclass_from_dict(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def _load_yaml(source, where: str):
+    """``yaml.safe_load``, with a YAML error as a one-line ConfigError naming ``where`` (the file or override)."""
+    try:
+        return yaml.safe_load(source)
+    except yaml.MarkedYAMLError as e:
+        context = f" ({e.context})" if e.context else ""
+        raise ConfigError(f"{where}: invalid YAML at line {e.problem_mark.line + 1}, column "
+                          f"{e.problem_mark.column + 1}: {e.problem}{context}") from None
+    except yaml.YAMLError as e:  # a character YAML does not allow: no line and column
+        raise ConfigError(f"{where}: invalid YAML: {str(e).splitlines()[0]}") from None
+
+
 def parse_overrides(args: list[str]) -> dict:
     """``['--train.steps', '10', '--model.bias=false']`` -> ``{'train': {'steps': 10}, 'model': {'bias': False}}``."""
     out: dict = {}
@@ -154,7 +166,7 @@ def parse_overrides(args: list[str]) -> dict:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _load_yaml(value, f"--{key} {value!r}")
         i += 1
     return out
 
@@ -174,7 +186,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     data = {}
     if path:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = _load_yaml(f, path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return config_from_dict(_merge(data, parse_overrides(list(overrides))))

@@ -29,6 +29,18 @@ def test_bad_config_is_refused_before_any_work(capsys, monkeypatch, world, overr
     assert message in _error(capsys, monkeypatch, world, *overrides)
 
 
+def test_yaml_syntax_errors_are_one_line_naming_the_file_or_override(capsys, monkeypatch, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  hidden_size: [64\ntrain:\n  steps: 3\n")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["--config", str(bad)]) == 2
+    assert capsys.readouterr().err == (f"config error: {bad}: invalid YAML at line 3, column 6: expected ',' or ']', "
+                                       "but got ':' (while parsing a flow sequence)\n")
+    assert _error(capsys, monkeypatch, 1, "--qat.layers", "[fc1") == (
+        "config error: --qat.layers '[fc1': invalid YAML at line 1, column 5: expected ',' or ']', "
+        "but got '<stream end>' (while parsing a flow sequence)\n")
+
+
 def test_overrides_typed_and_nested():
     cfg = load_config("configs/tiny.yaml", ["--train.steps=7", "--kurtosis.lambda", "1e-3",
                                             "--qat.layers", "[fc2]", "--model.bias", "false"])

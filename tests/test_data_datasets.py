@@ -1,5 +1,8 @@
-"""Training datasets: determinism, data-parallel order, resume, blending, tokenizer checks."""
+"""Training datasets: determinism, data-parallel order, resume, blending, tokenizer checks, broken files."""
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,8 +10,9 @@ import torch
 import torch.distributed as dist
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from data_prep.datasets import DataConfig, build_datasets, check_tokenizer, micro_batches
+from data_prep.datasets import DataConfig, build_datasets, check_data_files, check_tokenizer, micro_batches
 from data_prep.tokenize import read_sidecar, tokenize_files
+from tests.data_utils import ENV, ROOT, tiny_data, train_args
 from tests.dist_utils import run_distributed
 from tests.test_data_tokenize import DEMO, REPO, train_small_tokenizer
 
@@ -158,3 +162,64 @@ def test_two_ranks_build_caches_once_and_split_each_global_batch(data, tmp_path)
     assert len(rank0) == len(rank1) == len(expected)
     for mine0, mine1, whole in zip(rank0, rank1, expected):
         assert torch.equal(torch.cat([mine0, mine1]), whole)
+
+
+def copy_dataset(prefix: str, directory) -> str:
+    for ext in ("bin", "idx", "json"):
+        shutil.copy(f"{prefix}.{ext}", directory / f"train.{ext}")
+    return str(directory / "train")
+
+
+def truncate_bin(prefix: str) -> str:
+    size = os.path.getsize(prefix + ".bin")
+    os.truncate(prefix + ".bin", size // 2)
+    return f"{prefix}.bin is {size // 2} bytes but its index needs {size} (truncated?)"
+
+
+def randomize_idx_body(prefix: str) -> str:
+    """Random bytes after the 34-byte header, the file size kept; the .bin stays whole."""
+    size = os.path.getsize(prefix + ".idx")
+    with open(prefix + ".idx", "r+b") as f:
+        f.seek(34)
+        f.write(np.random.default_rng(0).bytes(size - 34))
+    n = read_sidecar(prefix)["documents"]
+    return f"{prefix}.idx: its document index does not run in order from 0 to its {n} sequences (corrupt index?)"
+
+
+def break_magic(prefix: str) -> str:
+    with open(prefix + ".idx", "r+b") as f:
+        f.write(b"MMIDIDY")
+    return f"{prefix}.idx is not a megatron-core index (no MMIDIDX header)"
+
+
+@pytest.mark.parametrize("damage", [truncate_bin, randomize_idx_body, break_magic])
+def test_broken_token_files_are_refused_in_one_line_before_any_model(tmp_path_factory, tmp_path, damage):
+    tiny = tiny_data(tmp_path_factory)
+    prefix = copy_dataset(f"{tiny}/train", tmp_path)
+    message = damage(prefix)
+    args = train_args(tiny, str(tmp_path / "run"), "--data.paths", f"[{prefix}]")
+    run = subprocess.run([sys.executable, "-m", "pretrain.train", *args], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert (run.returncode, run.stderr) == (2, f"data error: {message}\n"), run.stdout
+    assert "parameters on this rank" not in run.stdout  # refused before distributed init and the model
+
+
+def test_index_layout_is_checked_but_token_values_are_not(data, tmp_path):
+    prefix = copy_dataset(data[1]["wiki"], tmp_path)
+    size = os.path.getsize(prefix + ".bin")
+    with open(prefix + ".bin", "wb") as f:  # same size, any tokens: only training could tell
+        f.write(np.random.default_rng(0).bytes(size))
+    check_data_files(DataConfig(paths=[prefix]))
+    n = read_sidecar(prefix)["documents"]
+    with open(prefix + ".idx", "r+b") as f:  # the second sequence's pointer: 2 bytes into the first
+        f.seek(34 + 4 * n + 8)
+        f.write(np.int64(2).tobytes())
+    with pytest.raises(ValueError) as err:
+        check_data_files(DataConfig(paths=[prefix]))
+    assert str(err.value) == f"{prefix}.idx: its sequence pointers do not follow its sequence lengths (corrupt index?)"
+    with open(prefix + ".idx", "ab") as f:
+        f.write(b"x")
+    with pytest.raises(ValueError) as err:
+        build_datasets(DataConfig(paths=[prefix], tokenizer=data[0]), SEQ, SEED, 10, 0)
+    assert str(err.value) == (f"{prefix}.idx is {34 + 20 * n + 9} bytes but its header ({n} sequences, "
+                              f"{n + 1} document index entries) needs {34 + 20 * n + 8}")

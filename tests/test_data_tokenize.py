@@ -116,7 +116,7 @@ def write_broken_jsonl(path) -> list[str]:
 def test_broken_lines_are_skipped_counted_and_located(tmp_path, tokenizer):
     path = tmp_path / "broken.jsonl"
     good = write_broken_jsonl(path)
-    side = tokenize_files([str(path)], tokenizer, str(tmp_path / "out"))
+    side = tokenize_files([str(path)], tokenizer, str(tmp_path / "out"), max_malformed_fraction=1)
     assert side["documents"] == len(good) and side["malformed"] == 4
     assert [(line, reason.split()[1]) for _, line, reason in side["first_malformed"]] == [
         (2, "not"), (4, "no"), (5, "not"), (8, "no")]
@@ -189,7 +189,7 @@ def test_cli_reports_counts_and_fails_past_threshold(tmp_path, tokenizer):
     path = tmp_path / "broken.jsonl"
     write_broken_jsonl(path)
     base = [sys.executable, "-m", "data_prep.tokenize", "--input", str(path), "--tokenizer", tokenizer,
-            "--output-prefix", str(tmp_path / "out"), "--workers", "2"]
+            "--output-prefix", str(tmp_path / "out"), "--workers", "2", "--max-malformed-fraction", "1"]
     ok = subprocess.run(base, cwd=REPO, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "3 documents" in ok.stdout and "skipped 4 malformed lines, first: " in ok.stdout
@@ -199,3 +199,31 @@ def test_cli_reports_counts_and_fails_past_threshold(tmp_path, tokenizer):
                             capture_output=True, text=True)
     assert failed.returncode != 0 and "error: 3 malformed lines, more than the limit of 2" in failed.stderr
     assert IndexedDataset(str(tmp_path / "out")).sequence_lengths.size == 3  # the earlier dataset is intact
+
+
+def write_corpus(path, lines: int, malformed) -> None:
+    """JSON lines, those numbered (from 0) in ``malformed`` broken."""
+    path.write_text("".join('{"text": "broken\n' if i in malformed else f'{{"text": "doc {i}"}}\n'
+                            for i in range(lines)))
+
+
+def test_malformed_fraction_is_judged_over_the_whole_input(tmp_path, tokenizer):
+    bad, fine = tmp_path / "bad.jsonl", tmp_path / "fine.jsonl"
+    write_corpus(bad, 100, [i for i in range(100) if i % 10 < 3])  # 30 %: under the absolute limit of 100
+    write_corpus(fine, 200, [100])                                  # 0.5 %: under the 1 % default
+    cli = lambda path, *extra: subprocess.run(  # noqa: E731
+        [sys.executable, "-m", "data_prep.tokenize", "--input", str(path), "--tokenizer", tokenizer,
+         "--output-prefix", str(tmp_path / f"{path.stem}.out"), *extra], cwd=REPO, capture_output=True, text=True)
+    failed = cli(bad)
+    reason = "is not JSON (Invalid control character at)"  # the newline inside the open string
+    message = ("30 malformed lines of 100 input records (30.0%), more than the limit of 1% (first: "
+               + "; ".join(f"{bad}:{line} {reason}" for line in (1, 2, 3, 11, 12))
+               + "); fix the input, or raise the limit if skipping them is intended")
+    assert failed.returncode == 1 and failed.stderr.splitlines()[-1] == f"error: {message}"
+    assert_no_dataset(tmp_path / "bad.out")
+    ok = cli(fine)
+    assert ok.returncode == 0 and "skipped 1 malformed lines" in ok.stdout, ok.stderr
+    assert cli(bad, "--max-malformed-fraction", "0.3").returncode == 0
+    with pytest.raises(MalformedInputError) as err:  # the tokenizer trainer has the same limits
+        train_tokenizer([str(bad)], 300, "bpe", str(tmp_path / "tok"), threads=1)
+    assert str(err.value) == message and not (tmp_path / "tok.model").exists()
