@@ -3,7 +3,7 @@
 Start it with torchrun, the deepspeed launcher or srun (one process per GPU), or plainly for a
 world of one. SIGTERM / SIGUSR1 (SLURM's preemption warning) finish the current step, save a
 checkpoint and exit 0, so a requeued job resumes with ``--resume auto`` (the default).
-Exit codes: 0 done or stopped cleanly, 2 configuration / checkpoint mismatch, 1 anything else
+Exit codes: 0 done or stopped cleanly, 2 configuration / data / checkpoint problem (refused), 1 anything else
 (including train.max_nonfinite_steps non-finite losses in a row).
 """
 import argparse
@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from data_prep import build_datasets, check_tokenizer, micro_batches
+from data_prep import build_datasets, check_data_files, check_tokenizer, micro_batches
 from pretrain import checkpoint
+from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, load_config, validate
 from pretrain.engine import build_engine
 from pretrain.metrics import MetricsLogger, flops_per_token, matmul_params, peak_tflops
@@ -63,7 +64,10 @@ def train(cfg: Config, dims: ParallelDims) -> Trainer:
     # per stage. A resume replaces these streams with the ones saved by the same rank.
     sp_rank = parallel_state.get_tensor_model_parallel_rank() if cfg.parallel.sequence_parallel else 0
     torch.manual_seed(t.seed + 100 * parallel_state.get_pipeline_model_parallel_rank() + sp_rank)
-    checkpoint.resume(engine, trainer, cfg)
+    trainer.last_checkpoint = checkpoint.resume(engine, trainer, cfg)
+    if trainer.step >= t.steps:               # a relaunch of a finished run: nothing to do, nothing rewritten
+        log.info(f"already finished at step {trainer.step} (train.steps {t.steps}); nothing to do")
+        return trainer
 
     n_eval = t.eval_iters * t.global_batch_size
     evals = t.steps // t.eval_interval + 1 if t.eval_interval else 1
@@ -88,6 +92,18 @@ def train(cfg: Config, dims: ParallelDims) -> Trainer:
                  f"gradient accumulation {trainer.gas}; starting at step {trainer.step}")
     stop = StopSignal()
     saved_step = None
+
+    def save() -> None:
+        """A checkpoint of this step, unless its update was skipped: one saved inside a non-finite
+        streak would hold what caused it, and resuming from it would abort again."""
+        nonlocal saved_step
+        if trainer.nonfinite_in_row:
+            log.warning(f"step {trainer.step}: not saving a checkpoint, the step's loss was non-finite "
+                        f"(the last one saved: {trainer.last_checkpoint})")
+            return
+        trainer.last_checkpoint = checkpoint.save(engine, trainer, cfg, model)
+        saved_step = trainer.step
+
     while trainer.step < t.steps:
         stats_step = (trainer.step + 1) % t.log_interval == 0 or trainer.step + 1 == t.steps
         trainer.record_layer_stats(stats_step)
@@ -104,11 +120,10 @@ def train(cfg: Config, dims: ParallelDims) -> Trainer:
                 log.info(f"step {trainer.step} | valid loss {loss:.4f}")
         interval = cfg.checkpoint.interval
         if interval and trainer.step % interval == 0:
-            checkpoint.save(engine, trainer, cfg, model)
-            saved_step = trainer.step
+            save()
         if stop.any_rank(engine.device) or trainer.step == t.stop_at_step:
             if saved_step != trainer.step:
-                checkpoint.save(engine, trainer, cfg, model)
+                save()
             log.warning(f"stopped at step {trainer.step} ({'signal' if stop.received else 'train.stop_at_step'}); "
                         f"resume with --resume auto")
             if logger:
@@ -119,7 +134,7 @@ def train(cfg: Config, dims: ParallelDims) -> Trainer:
         logger.validation(trainer.step, loss)
         log.info(f"final valid loss {loss:.4f}")
     if saved_step != trainer.step:
-        checkpoint.save(engine, trainer, cfg, model)
+        save()
     if logger:
         logger.close()
     return trainer
@@ -140,7 +155,8 @@ def main(argv=None) -> int:
     except (ConfigError, OSError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    try:   # the data must exist and match the tokenizer and vocabulary before any work starts
+    try:   # the data must be whole and match the tokenizer and vocabulary before any work starts
+        check_data_files(cfg.data)
         check_tokenizer(cfg.data, cfg.model.vocab_size)
     except (OSError, ValueError) as e:
         print(f"data error: {e}", file=sys.stderr)
@@ -148,8 +164,20 @@ def main(argv=None) -> int:
     dims = init_distributed(cfg.parallel)
     if not is_logging_rank():
         logging.getLogger().setLevel(logging.WARNING)
+    lock = checkpoint.RunLock(cfg.train.out_dir) if dist.get_rank() == 0 else None
+    refused = lock.acquire() if lock else None
+    flag = torch.tensor([float(refused is not None)], device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)       # every rank learns rank 0's answer
+    if flag.item():
+        if refused:
+            print(f"run error: {refused}", file=sys.stderr)
+        destroy_distributed()
+        return 2
     try:
         train(cfg, dims)
+    except CheckpointError as e:        # damaged, or holding more than tensors
+        print(f"checkpoint error: {e}", file=sys.stderr)
+        return 2
     except ConfigError as e:            # e.g. a checkpoint that does not fit this run
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -157,6 +185,8 @@ def main(argv=None) -> int:
         print(f"training aborted: {e}", file=sys.stderr)
         return 1
     finally:
+        if lock:
+            lock.release()
         destroy_distributed()
     return 0
 

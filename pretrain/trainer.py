@@ -39,6 +39,7 @@ class Trainer:
         self.consumed_samples = 0         # global samples consumed (the data position to resume from)
         self.skipped_steps = 0            # steps skipped for a non-finite loss, in the whole run
         self.nonfinite_in_row = 0
+        self.last_checkpoint = None       # path of the newest checkpoint saved or resumed from (set by the loop)
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # no host sync per step
         self._loss_count = 0
         self._clips_ready = not self.quantizers   # first-batch clip inits done (or none to do)
@@ -114,8 +115,9 @@ class Trainer:
         if self.nonfinite_in_row >= limit:
             raise NonFiniteLossError(
                 f"{self.nonfinite_in_row} steps in a row (up to step {self.step}) had a non-finite loss "
-                f"(train.max_nonfinite_steps={limit}): aborting. Resume from the last checkpoint with a lower "
-                f"optim.lr, bf16 instead of fp16, or model.norm_fp32: true")
+                f"(train.max_nonfinite_steps={limit}): aborting. The last checkpoint, saved before the streak: "
+                f"{self.last_checkpoint or 'none'}; resume from it (--resume PATH) with a lower optim.lr, "
+                f"bf16 instead of fp16, or model.norm_fp32: true")
 
     def _inverted_clips(self) -> str:
         """Names the QAT quantizers whose clips crossed (c_lo >= c_hi), which make their layer's
@@ -145,9 +147,10 @@ class Trainer:
         """(metrics since the last call for the log line, per-layer QAT clips / clipped fraction /
         output kurtosis for TensorBoard). Collective over DP/TP: every rank calls."""
         loss = dp_mean(self._loss_sum.to(self.engine.device).float() / max(1, self._loss_count)).item()
+        values = {"train/loss": loss} if self._loss_count else {}   # no loss for an interval of skipped steps
         self._loss_sum.zero_()
         self._loss_count = 0
-        values = {"train/loss": loss, "train/lr": self.engine.get_lr()[0], "train/skipped_steps": self.skipped_steps}
+        values.update({"train/lr": self.engine.get_lr()[0], "train/skipped_steps": self.skipped_steps})
         grad_norm = self.engine.get_global_grad_norm()   # None under ZeRO-0, which does not record it
         if grad_norm is not None:
             values["train/grad_norm"] = float(grad_norm)

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from pretrain.checkpoint import COMPLETE, META, is_complete, latest_checkpoint, read_meta
+from pretrain.checkpoint import COMPLETE, META, CheckpointError, is_complete, latest_checkpoint, load_file, read_meta, verify
 from pretrain.config import Config, config_from_dict
 
 
@@ -53,8 +53,7 @@ def _read_tp_ranks(step_dir: str, meta: dict) -> list[dict]:
         if not os.path.isfile(file):
             raise FileNotFoundError(f"{step_dir}: missing {os.path.basename(file)} for TP rank {rank} "
                                     f"of {meta['tensor_parallel']}")
-        # DeepSpeed's files pickle more than tensors (its config, optimizer metadata).
-        states.append(torch.load(file, map_location="cpu", weights_only=False)["module"])
+        states.append(load_file(file)["module"])
     return states
 
 
@@ -70,13 +69,27 @@ def _read_pipeline_layers(step_dir: str, meta: dict) -> list[dict]:
             if not os.path.isfile(file):
                 raise FileNotFoundError(f"{step_dir}: missing {os.path.basename(file)} (pipeline layer {index}, "
                                         f"TP rank {rank})")
-            for key, tensor in torch.load(file, map_location="cpu", weights_only=True).items():
+            for key, tensor in load_file(file).items():
                 state[to_gpt_name(f"{index}.{key}", layers)] = tensor
     return states
 
 
+def _model_files(meta: dict) -> list[str]:
+    """The files holding the model's weights (what post-training reads), whatever the layout."""
+    tp = meta["tensor_parallel"]
+    if meta.get("pipeline_parallel", 1) > 1:
+        layers = meta["config"]["model"]["num_layers"]
+        return [f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in range(layers + 2) for r in range(tp)]
+    return [f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
+
+
 def _tp_rank_states(step_dir: str, meta: dict) -> list[dict]:
-    """Each TP rank's full-depth state dict, whatever the file layout."""
+    """Each TP rank's full-depth state dict, whatever the file layout, after checking the files
+    against the checkpoint's recorded digests."""
+    problems = verify(step_dir, [n for n in _model_files(meta) if os.path.isfile(os.path.join(step_dir, n))],
+                      distributed=False)
+    if problems:
+        raise CheckpointError(f"checkpoint {step_dir} does not verify: {'; '.join(problems)}")
     if meta.get("pipeline_parallel", 1) > 1:
         return _read_pipeline_layers(step_dir, meta)
     return _read_tp_ranks(step_dir, meta)

@@ -59,3 +59,15 @@ def losses(out_dir: str) -> dict[int, float]:
     """step -> logged training loss, from the run's metrics.jsonl (the last record of each step)."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+
+
+def reseal(step_dir) -> None:
+    """Record a hand-edited checkpoint's files in its COMPLETE again, as if it had been saved so
+    (tests that tamper on purpose, past the integrity check)."""
+    from pretrain.checkpoint import COMPLETE, _digest, _files
+    path = os.path.join(step_dir, COMPLETE)
+    with open(path) as f:
+        marker = json.load(f)
+    marker["files"] = {n: _digest(os.path.join(step_dir, n)) for n in _files(str(step_dir))}
+    with open(path, "w") as f:
+        json.dump(marker, f)

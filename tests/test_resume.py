@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tests.data_utils import finish, losses, single, tiny_data, torchrun, train_args
+from tests.data_utils import finish, losses, reseal, single, tiny_data, torchrun, train_args
 
 N = 3
 
@@ -55,6 +55,7 @@ def test_mismatched_config_or_tokenizer_is_refused(data, tmp_path):
 
     meta["tokenizer_sha256"] = "0" * 64                 # as if trained with another tokenizer
     (ckpt / "meta.json").write_text(json.dumps(meta))
+    reseal(ckpt)
     code, log = finish(single(train_args(data, str(tmp_path))))
     assert code == 2 and f"tokenizer: checkpoint sha256 {'0' * 64}" in log, log
 

@@ -77,8 +77,9 @@ def test_cli_refuses_unknown_arm_and_index(tmp_path):
     assert code == 2 and "plan error: --arms: no arm 'qat' in" in out and "(arms: baseline, qat-kurt)" in out
     code, out = cli("study", "--plan", TINY, "--index", "5", "--list")
     assert code == 2 and "--index 5: the selection has 2 runs (0..1)" in out
-    code, out = cli("study", "--plan", TINY, "--list", "--seeds", "1234")
-    assert code == 0 and out.strip().splitlines()[-2:] == ["baseline-seed1234", "qat-kurt-seed1234"]
+    listed = subprocess.run([sys.executable, "-m", "study", "--plan", TINY, "--list", "--seeds", "1234"], cwd=REPO,
+                            capture_output=True, text=True)
+    assert listed.returncode == 0 and listed.stdout.splitlines() == ["baseline-seed1234", "qat-kurt-seed1234"]
 
 
 @pytest.fixture(scope="module")
@@ -230,3 +231,24 @@ def test_slurm_array_task_preempted_then_requeued_completes(tmp_path):
 def results_step(work) -> int:
     from pretrain.checkpoint import latest_checkpoint, read_meta
     return read_meta(latest_checkpoint(os.path.join(work, "checkpoints")))["iteration"]
+
+
+@pytest.mark.parametrize("plan", sorted(os.listdir(os.path.join(REPO, "configs", "study"))))
+def test_committed_plans_load(plan, monkeypatch):
+    monkeypatch.chdir(REPO)
+    assert load_plan(os.path.join("configs", "study", plan)).runs()
+
+
+def test_concurrent_runs_get_their_own_devices(monkeypatch):
+    from study.runner import Runner
+    monkeypatch.chdir(REPO)
+    plan = load_plan(TINY)
+    runner = Runner(plan, "out", concurrent=4, devices=["0", "1"])
+    assert [runner._env(slot)["CUDA_VISIBLE_DEVICES"] for slot in range(4)] == ["0", "1", "0", "1"]
+    plan.gpus_per_run = 2
+    runner = Runner(plan, "out", concurrent=2, devices=["0", "1", "2", "3"])
+    assert [runner._env(slot)["CUDA_VISIBLE_DEVICES"] for slot in range(2)] == ["0,1", "2,3"]
+    assert runner._cmd("pretrain.train", "--x", ranks=2)[1:6] == ["-m", "torch.distributed.run", "--standalone",
+                                                                "--nproc-per-node", "2"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert "CUDA_VISIBLE_DEVICES" not in Runner(plan, "out")._env(0)     # no --devices: what is visible

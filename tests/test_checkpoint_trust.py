@@ -1,0 +1,111 @@
+"""Checkpoints you can trust, for real processes: a finished run relaunched rewrites nothing;
+truncated or corrupted shards are detected and --resume auto falls back to the previous checkpoint;
+a planted pickle in any loaded file runs nothing; a second job on a run directory is refused."""
+import os
+import re
+import signal
+import time
+
+import pytest
+import torch
+
+from pretrain.checkpoint import CheckpointError
+from tests.data_utils import finish, reseal, single, tiny_data, train_args
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory):
+    return tiny_data(tmp_path_factory)
+
+
+def _files(step_dir):
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(step_dir.iterdir())}
+
+
+def test_relaunching_a_finished_run_rewrites_nothing(data, tmp_path):
+    code, log = finish(single(train_args(data, str(tmp_path), "--train.steps", "3")))
+    assert code == 0, log
+    step = tmp_path / "checkpoints" / "step00000003"
+    before = _files(step)
+    code, log = finish(single(train_args(data, str(tmp_path), "--train.steps", "3")))
+    assert code == 0 and "already finished at step 3 (train.steps 3); nothing to do" in log, log
+    assert "saved checkpoint" not in log and _files(step) == before
+
+
+def _two_checkpoints(data, out):
+    code, log = finish(single(train_args(data, str(out), "--train.steps", "6", "--checkpoint.interval", "2",
+                                         "--train.stop_at_step", "4")))
+    assert code == 0, log
+    return out / "checkpoints" / "step00000002", out / "checkpoints" / "step00000004"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_checkpoint_is_skipped_under_auto_and_refused_by_path(data, tmp_path, damage):
+    older, newest = _two_checkpoints(data, tmp_path)
+    shard = next(newest.glob("*optim_states.pt") if damage == "truncate" else newest.glob("mp_rank_*model_states.pt"))
+    blob = shard.read_bytes()
+    if damage == "truncate":
+        shard.write_bytes(blob[:len(blob) // 5])
+        why = f"{shard.name} has {len(blob) // 5} bytes, {len(blob)} were written"
+    else:
+        mid = len(blob) // 2
+        shard.write_bytes(blob[:mid] + os.urandom(4096) + blob[mid + 4096:])
+        why = f"{shard.name} does not match its digest (corrupted)"
+    code, log = finish(single(train_args(data, str(tmp_path), "--train.steps", "6", "--resume", str(newest))))
+    assert code == 2 and f"checkpoint error: checkpoint {newest} does not verify: {why}" in log, log
+    from quant.load import load_checkpoint
+    if damage == "garbage":                                        # post-training reads the model files
+        with pytest.raises(CheckpointError, match=re.escape(f"checkpoint {newest} does not verify: {why}")):
+            load_checkpoint(str(newest))
+    code, log = finish(single(train_args(data, str(tmp_path), "--train.steps", "6")))
+    assert code == 0, log
+    assert f"skipping checkpoint {newest}: {why}" in log and f"resumed from {older} at step 2" in log
+    assert (newest.parent / "damaged-step00000004" / shard.name).read_bytes() != blob   # kept, out of the way
+    assert (newest.parent / "step00000006" / "COMPLETE").exists()
+
+
+class _Planted:
+    """Unpickling this runs ``touch MARKER``: what a hostile checkpoint file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("victim", ["rng_rank00000.pt", "mp_rank_00_model_states.pt", "optim_states.pt"])
+def test_a_planted_pickle_runs_nothing(data, tmp_path, victim):
+    _, newest = _two_checkpoints(data, tmp_path)
+    marker = tmp_path / "PWNED"
+    target = next(p for p in newest.iterdir() if p.name.endswith(victim))
+    state = torch.load(target, weights_only=False)                  # our own file: safe to read here
+    state = {"planted": _Planted(marker), **(state if isinstance(state, dict) else {})}
+    torch.save(state, target)
+    reseal(newest)                                                  # the digests match: only the loader stands
+    code, log = finish(single(train_args(data, str(tmp_path), "--train.steps", "6", "--resume", str(newest))))
+    assert code == 2 and f"checkpoint error: refusing to load {target}" in log, log
+    assert not marker.exists()
+    if victim.startswith("mp_rank"):
+        from quant.load import load_checkpoint
+        with pytest.raises(CheckpointError, match="refusing to load"):
+            load_checkpoint(str(newest))
+        assert not marker.exists()
+
+
+def test_second_job_on_a_run_directory_is_refused(data, tmp_path):
+    slow = ["--train.steps", "100000", "--optim.lr", "1e-4", "--optim.min_lr", "1e-5"]   # stays finite for minutes
+    first = single(train_args(data, str(tmp_path), *slow))
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "metrics.jsonl").exists():
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.2)
+    assert first.poll() is None, first.communicate()[0][-3000:]
+    code, log = finish(single(train_args(data, str(tmp_path), *slow)))
+    assert code == 2 and f"run error: run directory {tmp_path} is in use by another training job" in log, log
+    assert f'"pid": {first.pid}' in log
+    first.send_signal(signal.SIGKILL)                               # dies holding the lock
+    first.wait()
+    code, log = finish(single(train_args(data, str(tmp_path), *slow, "--train.stop_at_step", "1",
+                                         "--checkpoint.resume", "none")))
+    assert code == 0 and "ended without releasing it; taking over" in log, log
