@@ -12,6 +12,7 @@ others still ran), 2 a bad plan or argument (refused before any work).
     python -m study --plan P --out DIR --concurrent 8 --devices 0,1,2,3,4,5,6,7   # one run per GPU
     python -m study --plan P --out DIR --arms baseline qat-kurt --seeds 1234  # a subset (several allocations)
     python -m study --plan P --list                              # run ids, one per line
+    python -m study --plan P --out DIR --runs qat-kurt-seed2 baseline-seed2   # exactly these runs
     python -m study --plan P --out DIR --index $SLURM_ARRAY_TASK_ID   # one run (job arrays)
 """
 import argparse
@@ -36,6 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="study directory (results, report, work); default runs/study/<plan name>")
     p.add_argument("--arms", nargs="+", help="only these arms")
     p.add_argument("--seeds", type=int, nargs="+", help="only these seeds")
+    p.add_argument("--runs", nargs="+", help="only these run ids (as --list prints them)")
     p.add_argument("--index", type=int, help="only the run with this index in --list order (a job array task)")
     p.add_argument("--list", action="store_true", help="print the selected run ids and exit")
     p.add_argument("--concurrent", type=int, default=1, help="runs at a time (they share the devices)")
@@ -61,6 +63,12 @@ def main(argv=None) -> int:
             runs = [r for r in runs if r.arm in args.arms]
         if args.seeds:
             runs = [r for r in runs if r.seed in args.seeds]
+        if args.runs:
+            unknown = [r for r in args.runs if r not in {run.id for run in runs}]
+            if unknown:
+                raise ConfigError(f"--runs: no run {unknown[0]!r} in the selection of {args.plan} "
+                                  "(python -m study --plan P --list prints them)")
+            runs = [r for r in runs if r.id in args.runs]
         if args.index is not None:
             if not 0 <= args.index < len(runs):
                 raise ConfigError(f"--index {args.index}: the selection has {len(runs)} runs (0..{len(runs) - 1})")

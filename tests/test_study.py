@@ -80,6 +80,10 @@ def test_cli_refuses_unknown_arm_and_index(tmp_path):
     listed = subprocess.run([sys.executable, "-m", "study", "--plan", TINY, "--list", "--seeds", "1234"], cwd=REPO,
                             capture_output=True, text=True)
     assert listed.returncode == 0 and listed.stdout.splitlines() == ["baseline-seed1234", "qat-kurt-seed1234"]
+    code, out = cli("study", "--plan", TINY, "--list", "--runs", "qat-kurt-seed1234")
+    assert code == 0 and out.splitlines()[0] == "qat-kurt-seed1234"
+    code, out = cli("study", "--plan", TINY, "--list", "--runs", "qat-kurt-seed2")
+    assert code == 2 and "plan error: --runs: no run 'qat-kurt-seed2' in the selection of" in out
 
 
 @pytest.fixture(scope="module")
