@@ -2,6 +2,7 @@
 
 * ``plain``: a single-GPU PyTorch GPT of the same shapes (nn.Linear, SDPA, fused AdamW, bf16
   autocast, eager): the reference our stack must stay within 5 % of;
+* ``plain-compile``: the same under ``torch.compile`` (the strongest single-GPU reference);
 * ``ours``: this project's stack (megatron-core TP=1 layers, DeepSpeed ZeRO-1, bf16);
 * ``ours-qat``: ours with 4-bit QAT on every block linear input and the kurtosis penalty on;
 * ``ours-qat-only``: QAT without the kurtosis penalty.
@@ -119,21 +120,24 @@ def run_variant(spec: str, config: str, micro: int, steps: int, warmup: int, pro
                                "--kurtosis.enabled", str(variant == "ours-qat").lower()]
                       + [f"--{kv}" for kv in extra])
     world = world_size_from_env()
-    if world != gpus or (variant == "plain" and gpus > 1):
+    plain = variant in ("plain", "plain-compile")
+    if world != gpus or (plain and gpus > 1):
         raise SystemExit(f"{spec}: needs {gpus} processes (got {world}); plain runs on one GPU")
     dp = world // (cfg.parallel.tensor * cfg.parallel.pipeline)
     cfg.train.global_batch_size = micro * dp       # one micro-batch per DP rank and step
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batches = random_batches(cfg, micro, device)
     torch.manual_seed(0)
-    if variant == "plain":
+    if plain:
         model = PlainGPT(cfg.model).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                                fused=device.type == "cuda")
+        forward = torch.compile(model) if variant == "plain-compile" else model
 
         def step():
             b = next(batches)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = model(b["tokens"], b["labels"])
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                loss = forward(b["tokens"], b["labels"])
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
@@ -181,7 +185,7 @@ def main():
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--variants", default="plain,ours,ours-qat,ours-qat-only")
+    p.add_argument("--variants", default="plain,plain-compile,ours,ours-qat,ours-qat-only")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs of the variant list; medians reported")
     p.add_argument("--profile", action="store_true", help="print each variant's top GPU kernels")
     p.add_argument("--dry-run", action="store_true", help="allow a CPU run (gloo) to check the script, e.g. with "
@@ -218,7 +222,7 @@ def main():
     results = [_median_run(v, rs) for v, rs in runs.items()]
     base = {r["variant"]: r for r in results if "step_ms" in r}
     print(f"\n{'variant':<40}{'ms/step':>9}{'tok/s/GPU':>11}{'TFLOP/s/GPU':>12}{'peak GiB':>10}"
-          f"{'vs plain':>10}{'vs ours':>9}{'scaling':>9}")
+          f"{'vs plain':>10}{'vs compile':>11}{'vs ours':>9}{'scaling':>9}")
     for r in results:
         if "step_ms" not in r:
             print(f"{r['variant']:<40} failed")
@@ -232,7 +236,7 @@ def main():
             r["scaling_efficiency"] = r["tokens_per_s_per_gpu"] / one["tokens_per_s_per_gpu"]
         eff = f"{r['scaling_efficiency']:.1%}" if "scaling_efficiency" in r else "-"
         print(f"{r['variant']:<40}{r['step_ms']:>9.1f}{r['tokens_per_s_per_gpu']:>11.0f}{r['tflops_per_gpu']:>12.1f}"
-              f"{r['peak_mem_gib']:>10.2f}{rel('plain'):>10}{rel('ours'):>9}{eff:>9}  {r.get('all_step_ms', '')}")
+              f"{r['peak_mem_gib']:>10.2f}{rel('plain'):>10}{rel('plain-compile'):>11}{rel('ours'):>9}{eff:>9}  {r.get('all_step_ms', '')}")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "train_step.json"), "w") as f:
             json.dump({"config": args.config, "micro_batch": args.micro_batch, "results": results}, f, indent=1)
