@@ -147,7 +147,8 @@ def broadcast_quantized(qw: Optional[QuantizedWeight], src: int, group=None,
     meta = meta[0]
     tensors = []
     for field, (shape, dtype) in zip(QuantizedWeight.TENSORS, meta["tensors"]):
-        t = getattr(qw, field) if is_src else torch.empty(
+        # contiguous: AdaDim's per-IC codes are a transposed view (NCCL refuses it, gloo sent the storage order)
+        t = getattr(qw, field).contiguous() if is_src else torch.empty(
             shape, dtype=getattr(torch, dtype.removeprefix("torch.")), device=device)
         dist.broadcast(t, global_src, group=group)
         tensors.append(t)

@@ -88,22 +88,23 @@ def tiny_model(qat: bool):
     return cfg, model.eval()
 
 
-def gptq_on_ranks():
+def gptq_on_ranks(method):
     from quant.gptq import QuantSpec, quantize_model
 
     _, model = tiny_model(qat=True)
     windows = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
-    results, times = quantize_model(model, windows, QuantSpec("gptq", 4, group_size=8, act_order=True), batch_size=2)
+    results, times = quantize_model(model, windows, QuantSpec(method, 4, group_size=8, act_order=True), batch_size=2)
     assert times["hessian"] > 0 and times["solve"] > 0
     fields = {name: {f: getattr(q, f) for f in ("codes", "scales", "zeros", "g_idx")} for name, q in results.items()}
     return fields, {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
-def test_distributed_gptq_equals_one_rank_bit_for_bit():
-    (one,) = run_distributed(gptq_on_ranks, 1)
+@pytest.mark.parametrize("method", ["gptq", "adadim-gptq"])   # AdaDim's per-IC codes are a transposed view
+def test_distributed_gptq_equals_one_rank_bit_for_bit(method):
+    (one,) = run_distributed(gptq_on_ranks, 1, method)
     assert len(one[0]) == 8                               # 2 blocks x (qkv, proj, fc1, fc2)
     for world in (2, 3):                                  # 4 batches: 2 + 2 and 1 + 1 + 2
-        for fields, state in run_distributed(gptq_on_ranks, world):
+        for fields, state in run_distributed(gptq_on_ranks, world, method):
             assert fields.keys() == one[0].keys() and state.keys() == one[1].keys()
             for name, want in one[0].items():
                 for field, t in want.items():
