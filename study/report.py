@@ -46,7 +46,8 @@ def summarize(merged: dict[str, dict]) -> dict:
                         "analysis": {k: v for k, v in p.get("analysis", {}).items() if k != "linears"}}
                        for p in r["points"]]}
     baselines = sorted({r.get("baseline", "baseline") for r in merged.values()})
-    specs = [s["name"] for s in next(iter(merged.values()))["posttrain"]] if merged else []
+    # every run's specs, in plan order (runs made before a spec joined the plan lack it)
+    specs = list(dict.fromkeys(s["name"] for r in merged.values() for s in r["posttrain"]))
     return {"baseline": baselines[0] if baselines else "baseline", "specs": specs, "runs": runs}
 
 
@@ -67,11 +68,12 @@ def _any_spec(point: dict | None, config: str, metric: str) -> float | None:
     return next((t[config][metric] for t in point["eval"].values() if metric in t.get(config, {})), None)
 
 
-def baseline_w16(summary: dict, run: dict, step: int, spec: str, metric: str) -> float | None:
-    """The baseline arm's W16A16 at this run's length and step: same seed if run, else the mean."""
+def baseline_w16(summary: dict, run: dict, step: int, metric: str) -> float | None:
+    """The baseline arm's W16A16 at this run's length and step (under any spec: specs the baseline
+    does not run, like a QAT model's W16A4, still get it): same seed if run, else the mean."""
     same = [r for r in summary["runs"].values() if r["arm"] == summary["baseline"] and r["steps"] == run["steps"]]
     own = [r for r in same if r["seed"] == run["seed"]]
-    vals = [v for r in (own or same) if (v := _value(_point(r, step), spec, "W16A16", metric)) is not None]
+    vals = [v for r in (own or same) if (v := _any_spec(_point(r, step), "W16A16", metric)) is not None]
     return statistics.fmean(vals) if vals else None
 
 
@@ -81,7 +83,7 @@ def change(value: float | None, ref: float | None) -> float | None:
 
 def headline(summary: dict, run: dict, step: int, spec: str, metric: str, config: str = "W4A4") -> float | None:
     """% change of the run's ``config`` against the baseline arm's W16A16 at the same point."""
-    return change(_value(_point(run, step), spec, config, metric), baseline_w16(summary, run, step, spec, metric))
+    return change(_value(_point(run, step), spec, config, metric), baseline_w16(summary, run, step, metric))
 
 
 def groups(summary: dict, main_only: bool = True) -> dict[tuple[str, int], list[dict]]:

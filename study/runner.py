@@ -195,6 +195,7 @@ class Runner:
             result = results.new(run, cfg, self.plan)
         work, logs = self.work(run), os.path.join(self.work(run), "logs")
         train_cmd = ["--config", os.path.join(work, "config.yaml")]
+        failures = []
         for point in run.points:
             if results.has_point(result, point, self.plan.specs_for(run, point)):
                 progress.update(run.id, "train", point)
@@ -221,7 +222,10 @@ class Runner:
                     raise Stopped
             progress.update(run.id, "posttrain", point)
             t0 = time.time()
-            self._posttrain(run, point, step_dir, env, logs, result)
+            try:
+                self._posttrain(run, point, step_dir, env, logs, result)
+            except RunFailed as e:               # training goes on to the next points
+                failures.append(f"step {point}: {e}")
             result["seconds"]["posttrain"] += time.time() - t0
             with progress.lock:
                 progress.posttrain_s.append(time.time() - t0)
@@ -230,6 +234,8 @@ class Runner:
         missing = [p for p in run.points if not results.has_point(result, p, self.plan.specs_for(run, p))]
         result["complete"] = not missing
         results.write(self.out, result)
+        if failures:
+            raise RunFailed(f"{run.id}: " + "\n".join(failures))
         if missing:
             raise RunFailed(f"{run.id}: points {missing} are not evaluated and their checkpoints are gone; "
                             f"remove {work} to train the run again")
@@ -258,9 +264,10 @@ class Runner:
             raise RunFailed(f"{run.id}: pretrain.train exited {proc.returncode}; {logfile} ends with:\n{_tail(logfile)}")
 
     def _posttrain(self, run: Run, point: int, step_dir: str, env: dict, logs: str, result: dict) -> None:
-        """GPTQ + evaluate for each spec, then the analysis, of the checkpoint at ``point``; each
-        finished piece goes into result.json at once (an allocation ending mid-point keeps it), and
-        pieces already there are not redone."""
+        """GPTQ + evaluate for each spec and the analysis of the checkpoint at ``point``: the plan's
+        first spec, then the analysis, then the other specs (what an allocation cut short keeps
+        first). Each finished piece goes into result.json at once, pieces already there are not
+        redone, and a failed piece does not stop the others (the failures are raised together)."""
         ev, here = self.plan.evaluation, os.path.join(self.work(run), f"point{point:08d}")
         current = results.point(result, point) or {"step": point, "eval": {}, "eval_files": {}}
 
@@ -268,9 +275,7 @@ class Runner:
             results.add_point(result, current, results.read_curve(self.work(run)))
             results.write(self.out, result)
 
-        for spec in self.plan.specs_for(run, point):
-            if results.spec_done(current, spec):
-                continue
+        def quantize_and_evaluate(spec):
             qdir = os.path.join(here, spec.name)
             gptq = ["--checkpoint", step_dir, "--output", qdir, "--method", spec.method, "--bits", str(spec.bits),
                     "--group-size", str(spec.group_size), "--nsamples", str(spec.nsamples),
@@ -285,15 +290,30 @@ class Runner:
             with open(out) as f:
                 current["eval"][spec.name] = json.load(f)
             current["eval_files"][spec.name] = os.path.relpath(out, self.out)
-            record()
-        if "analysis" not in current:
+
+        def analyze():
             adir = os.path.join(here, "analysis")
             self._call(self._cmd("quant.analyze", "--checkpoint", step_dir, "--output", adir,
                                  "--nsamples", str(ev.analyze_nsamples), "--batch-size", str(ev.batch_size)),
                        os.path.join(logs, "analyze.log"), env)
             with open(os.path.join(adir, "analysis.json")) as f:
                 current["analysis"] = results.analysis_summary(next(iter(json.load(f).values())))
+
+        planned = self.plan.specs_for(run, point)
+        specs = [s for s in planned if not results.spec_done(current, s)]
+        pieces = [lambda s=s: quantize_and_evaluate(s) for s in specs]
+        if "analysis" not in current:
+            pieces.insert(1 if specs and specs[0] is planned[0] else 0, analyze)
+        failures = []
+        for piece in pieces:
+            try:
+                piece()
+            except RunFailed as e:
+                failures.append(str(e))
+                continue
             record()
+        if failures:
+            raise RunFailed("\n".join(failures))
 
     # ---- the plan -------------------------------------------------------------------------------
     def finished(self, run: Run) -> bool:

@@ -256,3 +256,57 @@ def test_concurrent_runs_get_their_own_devices(monkeypatch):
                                                                 "--nproc-per-node", "2"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert "CUDA_VISIBLE_DEVICES" not in Runner(plan, "out")._env(0)     # no --devices: what is visible
+
+
+def test_headline_of_a_spec_the_baseline_does_not_run_uses_its_w16a16():
+    """A QAT arm's W16A4 (spec as-trained, QAT arms only) is measured against the baseline's W16A16
+    of another spec (16-bit weights are the same under every spec), same seed first."""
+    from study.report import headline
+
+    def run(arm, seed, ev):
+        return {"arm": arm, "seed": seed, "steps": 8, "points": [{"step": 8, "eval": ev}]}
+    summary = {"baseline": "baseline", "runs": {
+        "baseline-seed1": run("baseline", 1, {"gptq": {"W16A16": {"wikitext2_ppl": 10.0}}}),
+        "baseline-seed2": run("baseline", 2, {"gptq": {"W16A16": {"wikitext2_ppl": 20.0}}}),
+    }}
+    qat = run("qat", 2, {"as-trained": {"W16A4": {"wikitext2_ppl": 22.0}}})
+    assert headline(summary, qat, 8, "as-trained", "wikitext2_ppl", "W16A4") == pytest.approx(10.0)
+    qat["seed"] = 3                                               # no baseline of seed 3: their mean, 15
+    assert headline(summary, qat, 8, "as-trained", "wikitext2_ppl", "W16A4") == pytest.approx(100 * (22 / 15 - 1))
+
+
+def test_summary_lists_the_specs_of_every_run():
+    """Runs made before a spec joined the plan lack it; the merged report still has its table."""
+    from study.report import summarize
+
+    def run(specs):
+        return {"arm": "a", "seed": 1, "steps": 8, "config": {"qat": {"enabled": False}, "kurtosis": {"enabled": False}},
+                "posttrain": [{"name": s} for s in specs], "points": []}
+    summary = summarize({"a-seed1": run(["gptq", "w3"]), "a-seed2": run(["gptq", "as-trained", "w3"])})
+    assert summary["specs"] == ["gptq", "w3", "as-trained"]
+
+
+@pytest.mark.slow
+def test_a_failed_piece_keeps_the_others_and_training_goes_on(tmp_path, monkeypatch):
+    """A post-training command that fails (AdaDim's broadcast did, on the GPU) costs only its own
+    cells: the analysis and the other specs of that point, and the later points, are still made."""
+    from study.runner import Runner, RunFailed
+
+    monkeypatch.chdir(REPO)
+    spec = {"name": "gptq-w4g32", "method": "gptq", "bits": 4, "group_size": 32, "act_order": True, "nsamples": 4}
+    plan = load_plan(plan_file(tmp_path, posttrain=[{**spec, "name": "rtn-w4", "method": "rtn", "act_order": False},
+                                                    spec]))
+    call = Runner._call
+
+    def failing(self, cmd, logfile, env=None):
+        if "rtn" in cmd:
+            raise RunFailed("quant.gptq --checkpoint exited 1; planted")
+        return call(self, cmd, logfile, env)
+    monkeypatch.setattr(Runner, "_call", failing)
+    run = next(r for r in plan.runs() if r.arm == "baseline")
+    failed, stopped = Runner(plan, str(tmp_path / "study"), progress_interval=5).run_all([run])
+    assert failed == [run.id] and not stopped
+    r = results.read(str(tmp_path / "study"), run.id)
+    assert not r["complete"] and [p["step"] for p in r["points"]] == [4, 8]
+    for p in r["points"]:
+        assert list(p["eval"]) == ["gptq-w4g32"] and p["analysis"]["mean_kurtosis"] > 0
