@@ -1,39 +1,17 @@
-"""A tiny real dataset (512-piece tokenizer, valid.jsonl.xz of the demo corpus, tokenized) built once
-per pytest session, and helpers that run ``python -m pretrain.train`` for real under torchrun."""
+"""A tiny real dataset (``pretrain.tiny_run``'s, built once per pytest session), and helpers that
+run ``python -m pretrain.train`` for real under torchrun."""
 import json
 import os
 import subprocess
 import sys
 
+from pretrain.tiny_run import ENV, ROOT, build_data, train_args  # noqa: F401  (train_args: for the tests)
 from tests.dist_utils import free_port
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(ROOT, "data", "demo", "valid.jsonl.xz")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": ROOT}
 
 
 def tiny_data(tmp_path_factory) -> str:
     """Directory with tokenizer.model and train.{bin,idx,json}; built by the first caller."""
-    out = tmp_path_factory.getbasetemp() / "tiny_data"
-    if not (out / "train.json").exists():
-        out.mkdir(exist_ok=True)
-        run = lambda *args: subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=ENV, check=True,  # noqa: E731
-                                           capture_output=True)
-        run("data_prep.train_tokenizer", "--input", DEMO, "--vocab-size", "512", "--model-type", "bpe",
-            "--output", str(out / "tokenizer"))
-        run("data_prep.tokenize", "--input", DEMO, "--tokenizer", str(out / "tokenizer.model"),
-            "--output-prefix", str(out / "train"), "--append-eod")
-    return str(out)
-
-
-def train_args(data: str, out_dir: str, *extra: str) -> list[str]:
-    """pretrain.train arguments for a tiny model on the tiny dataset (no validation set)."""
-    return ["--config", os.path.join(ROOT, "configs", "tiny.yaml"), "--train.out_dir", out_dir,
-            "--data.paths", f"[{data}/train]", "--data.valid_paths", "null", "--data.split", "100,0,0",
-            "--data.tokenizer", f"{data}/tokenizer.model", "--model.vocab_size", "512",
-            "--model.hidden_size", "32", "--model.num_layers", "2", "--model.seq_length", "16",
-            "--train.micro_batch_size", "2", "--train.global_batch_size", "4", "--train.log_interval", "1",
-            "--train.eval_interval", "0", "--optim.warmup_steps", "2", *extra]
+    return build_data(str(tmp_path_factory.getbasetemp() / "tiny_data"))
 
 
 def torchrun(nprocs: int, args: list[str], module: str = "pretrain.train", env: dict = {}) -> subprocess.Popen:
@@ -44,9 +22,9 @@ def torchrun(nprocs: int, args: list[str], module: str = "pretrain.train", env: 
                             text=True)
 
 
-def single(args: list[str]) -> subprocess.Popen:
-    """``python -m pretrain.train ARGS`` as a world of one (its exit code is the trainer's own)."""
-    return subprocess.Popen([sys.executable, "-m", "pretrain.train", *args], cwd=ROOT, env=ENV,
+def single(args: list[str], module: str = "pretrain.train", env: dict = {}) -> subprocess.Popen:
+    """``python -m MODULE ARGS`` as a world of one (its exit code is the trainer's own)."""
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=ROOT, env={**ENV, **env},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

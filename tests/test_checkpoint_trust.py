@@ -1,6 +1,14 @@
 """Checkpoints you can trust, for real processes: a finished run relaunched rewrites nothing;
 truncated or corrupted shards are detected and --resume auto falls back to the previous checkpoint;
-a planted pickle in any loaded file runs nothing; a second job on a run directory is refused."""
+a planted pickle in any loaded file runs nothing; a second job on a run directory is refused; the
+checkpoint a non-finite streak's abort names resumes and trains on with a lower learning rate.
+
+Run as ``python -m tests.test_checkpoint_trust ARGS``, this module is ``pretrain.train`` except that
+the LM head's output is NaN on the steps after $NAN_AFTER_STEP whose learning rate is above
+$NAN_ABOVE_LR: a divergence that a lower learning rate avoids.
+"""
+import json
+import math
 import os
 import re
 import signal
@@ -9,7 +17,7 @@ import time
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError
+from pretrain.checkpoint import CheckpointError, load_file
 from tests.data_utils import finish, reseal, single, tiny_data, train_args
 
 
@@ -109,3 +117,59 @@ def test_second_job_on_a_run_directory_is_refused(data, tmp_path):
     code, log = finish(single(train_args(data, str(tmp_path), *slow, "--train.stop_at_step", "1",
                                          "--checkpoint.resume", "none")))
     assert code == 0 and "ended without releasing it; taking over" in log, log
+
+
+def test_nonfinite_abort_names_a_checkpoint_that_resumes_with_a_lower_lr(data, tmp_path):
+    """Steps 6-8 diverge at the configured lr (3e-3 peak): the abort names step 4, the last
+    checkpoint before the streak (the one due at step 6 is not written), and that checkpoint
+    resumed at lr 5e-4 trains to the end with finite losses and weights."""
+    args = train_args(data, str(tmp_path), "--train.steps", "12", "--checkpoint.interval", "2",
+                      "--train.max_nonfinite_steps", "3")
+    diverges = {"NAN_AFTER_STEP": "5", "NAN_ABOVE_LR": "1e-3"}
+    code, log = finish(single(args, module="tests.test_checkpoint_trust", env=diverges))
+    root = tmp_path / "checkpoints"
+    before = root / "step00000004"
+    assert code == 1, log
+    assert (f"training aborted: 3 steps in a row (up to step 8) had a non-finite loss (train.max_nonfinite_steps=3): "
+            f"aborting. The last checkpoint, saved before the streak: {before}; resume from it (--resume PATH) "
+            f"with a lower optim.lr") in log, log
+    assert f"step 6: not saving a checkpoint, the step's loss was non-finite (the last one saved: {before})" in log
+    assert sorted(p.name for p in root.glob("step*")) == ["step00000002", "step00000004"]
+    assert (root / "latest").read_text() == "step00000004"
+    named = re.search(r"saved before the streak: (\S+);", log).group(1)
+    with open(tmp_path / "metrics.jsonl") as f:
+        aborted = len(f.readlines())
+
+    code, log = finish(single([*args, "--resume", named, "--optim.lr", "5e-4"], module="tests.test_checkpoint_trust",
+                              env=diverges))
+    assert code == 0, log
+    assert f"resumed from {named} at step 4 (16 samples consumed)" in log and "non-finite" not in log, log
+    with open(tmp_path / "metrics.jsonl") as f:
+        resumed = [json.loads(line) for line in f.readlines()[aborted:]]
+    assert [r["step"] for r in resumed] == list(range(5, 13))
+    assert all(math.isfinite(r["train/loss"]) and r["train/lr"] <= 5e-4 and r["train/skipped_steps"] == 0
+               for r in resumed), resumed
+    state = load_file(str(root / "step00000012" / "mp_rank_00_model_states.pt"))["module"]
+    weights = [t for t in state.values() if isinstance(t, torch.Tensor)]     # megatron's _extra_state is None
+    assert len(weights) > 40 and all(torch.isfinite(w).all() for w in weights)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from model.gpt import Head
+    from pretrain import train, trainer
+
+    after, above = int(os.environ["NAN_AFTER_STEP"]), float(os.environ["NAN_ABOVE_LR"])
+    set_lr, head_forward, diverged = trainer.set_lr, Head.forward, [False]
+
+    def _set_lr(engine, step, cfg):   # Trainer.train_step sets the lr of step + 1 before its forwards
+        set_lr(engine, step, cfg)
+        diverged[0] = step >= after and engine.get_lr()[0] > above
+
+    def _forward(self, x):
+        out = head_forward(self, x)
+        return out * float("nan") if diverged[0] else out
+
+    trainer.set_lr, Head.forward = _set_lr, _forward
+    sys.exit(train.main())

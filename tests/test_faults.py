@@ -1,11 +1,13 @@
 """Faults, for real: a signal mid-run saves and exits 0; a rank SIGKILLed during a save leaves the
 previous checkpoint as the one to resume from; incomplete checkpoints are never loaded; non-finite
-losses skip the step and too many in a row abort.
+losses skip the step and too many in a row abort; bench/faults.py's kill-and-relaunch cycle does what
+it reports.
 
 Run as ``python -m tests.test_faults ARGS``, this module is ``pretrain.train`` except that rank 1
 kills itself with SIGKILL in the middle of its $KILL_AT_SAVE-th checkpoint save.
 """
 import os
+import random
 import signal
 import time
 
@@ -111,6 +113,24 @@ def test_nonfinite_loss_skips_the_step_and_repeated_ones_abort(world, parallel):
         assert [v != v for v in rec["losses"]] == [False, True, False, True]   # NaN on steps 1 and 3
         assert "2 steps in a row (up to step 5) had a non-finite loss (train.max_nonfinite_steps=2): aborting" \
             in rec["error"]
+
+
+def test_fault_bench_kills_the_whole_tree_and_resumes(data, tmp_path):
+    """bench/faults.py's cycle once per signal: no process of a killed launch survives (its wait()
+    checks the whole tree), each relaunch resumes from the newest checkpoint, SIGTERM saves the step
+    it stopped at and exits 0, and the final-weights comparison tells checkpoints apart."""
+    from bench.faults import INTERVAL, STEPS_PER_KILL, compare_checkpoints, run_with_faults
+    steps = 3 * STEPS_PER_KILL
+    kill, term = run_with_faults(data, str(tmp_path), steps, ["SIGKILL", "SIGTERM"], random.Random(0),
+                                 progress=lambda line: None)
+    assert kill["exit_code"] == -signal.SIGKILL and kill["resumed_from"] == kill["newest_checkpoint"], kill
+    assert 0 <= kill["steps_lost"] <= INTERVAL, kill          # at most one checkpoint interval
+    assert term["exit_code"] == 0 and term["saved_and_exited_0"], term
+    assert term["resumed_from"] == term["at_kill"] and term["steps_lost"] == 0, term
+    root = tmp_path / "checkpoints"
+    final, earlier = root / f"step{steps:08d}", root / f"step{steps - INTERVAL:08d}"
+    assert compare_checkpoints(str(final), str(final)) == {"weights": True, "optimizer": True}
+    assert compare_checkpoints(str(final), str(earlier)) == {"weights": False, "optimizer": False}
 
 
 if __name__ == "__main__":
