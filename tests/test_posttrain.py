@@ -117,6 +117,7 @@ def evaluation_checks():
     from quant.convert import convert
     from quant.evaluate import perplexity
     from quant.rtn import rtn_quantize
+    from tests.quant_utils import fake_quant64
 
     _, model = tiny_model(qat=False)
     windows = torch.randint(0, 96, (5, 16), generator=torch.Generator().manual_seed(2))
@@ -164,8 +165,7 @@ def evaluation_checks():
     layer.input_quant.clip.data = torch.tensor([-1.5, 2.0])
     convert(model, 4, 4, q4)
     yc = layer(x).reshape(-1, 96).double()
-    s = 15 / 3.5
-    x_hat = torch.round((xt.clamp(-1.5, 2.0) + 1.5) * s) / s - 1.5
+    x_hat = fake_quant64(xt, torch.tensor([-1.5, 2.0]), 4)
     handc = x_hat @ (cw.double() * sw).T + b
 
     # W8A8 (QAT): the same learned clip range on the 8-bit grid, int8 vector-wise weights.
@@ -175,8 +175,7 @@ def evaluation_checks():
     w = layer.weight.detach().clone().double()
     convert(model, 8, 8)
     y8c = layer(x).reshape(-1, 96).double()
-    s8 = 255 / 3.5
-    x_hat8 = torch.round((xt.clamp(-1.5, 2.0) + 1.5) * s8) / s8 - 1.5
+    x_hat8 = fake_quant64(xt, torch.tensor([-1.5, 2.0]), 8)
     sw8 = w.abs().amax(1, keepdim=True) / 127
     hand8c = x_hat8 @ (torch.round(w / sw8) * sw8).T + b
     return got_ppl, hand_ppl, (y8, hand8), (y4, hand4), (yc, handc), (y8c, hand8c)
