@@ -214,6 +214,38 @@ def test_analysis_runs_a_qat_model_as_trained():
         assert got[name] == pytest.approx(want[name], rel=1e-5), name
 
 
+def linear_inputs_as_trained_and_evaluated():
+    """Every block linear's quantized input in one forward of a QAT model (clips set by init=mse
+    from that batch) as trained, and after quant.convert to W16A4."""
+    from quant.convert import block_linears, convert
+
+    windows = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(6))
+    _, model = tiny_model(qat=True)
+    with torch.no_grad():
+        model(windows)
+    _, evaluated = tiny_model(qat=True)
+    evaluated.load_state_dict(model.state_dict())
+    convert(evaluated, 16, 4)
+    seen = []
+    for m in (model, evaluated):
+        inputs = {}
+        for name, linear in block_linears(m):
+            linear.linear.register_forward_pre_hook(lambda _, args, n=name, d=inputs: d.setdefault(n, args[0]))
+        with torch.no_grad():
+            m(windows)
+        seen.append(inputs)
+    return seen
+
+
+def test_w16a4_evaluation_quantizes_every_linear_input_as_training():
+    """Bit for bit in fp32. (Not in bf16: training's norm and activation kernels quantize their
+    fp32 result, evaluation the producer's output rounded to bf16.)"""
+    trained, evaluated = run_distributed(linear_inputs_as_trained_and_evaluated, 1)[0]
+    assert len(trained) == 8 and trained.keys() == evaluated.keys()
+    for name, x_hat in trained.items():
+        assert torch.equal(evaluated[name], x_hat), name
+
+
 def test_perplexity_and_converted_layers_match_hand_computation():
     got_ppl, hand_ppl, *pairs = run_distributed(evaluation_checks, 1)[0]
     assert got_ppl == pytest.approx(hand_ppl, rel=1e-5)
