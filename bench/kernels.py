@@ -29,6 +29,7 @@ from kernels import act_fake_quant, fake_quant, norm_fake_quant  # noqa: E402
 # the modules, for their host wrappers (the package's names are its public functions)
 aq, fq, nq = (importlib.import_module(f"kernels.{m}") for m in ("act_quant", "fake_quant", "norm_quant"))
 from kernels.kurtosis import token_kurtosis_grad, token_kurtosis_stats  # noqa: E402
+from tests.quant_utils import fake_quant64  # noqa: E402
 
 TOKENS, HIDDEN, FFN, HEADS, DTYPE, BITS = 16384, 2048, 8192, 16, torch.bfloat16, 4
 CLIP = (-3.8917, 4.1043)  # near the paper's +-4, off any bf16 value and rounding tie
@@ -100,12 +101,6 @@ def check_agreement(inp, impl):
     return report
 
 
-def _quantize64(v, clip):
-    lo, hi = clip.double()
-    s = (2 ** BITS - 1) / (hi - lo)
-    return torch.round((torch.clamp(v, lo, hi) - lo) * s) / s + lo
-
-
 def check_float64(device, impl):
     """Each kernel's forward on odd shapes in fp32 / fp16 / bf16 against the float64 definition:
     the largest error in grid steps (one step where fp32 rounding meets a rounding tie) and the
@@ -120,11 +115,11 @@ def check_float64(device, impl):
         a = (torch.randn(1001, 8200, generator=gen, device=device) * 2).to(dtype)
         x64, w64, a64 = x.double(), w.double(), a.double()
         cases = {
-            "fake_quant": (fake_quant(x, clip, BITS, impl=impl), _quantize64(x64, clip)),
+            "fake_quant": (fake_quant(x, clip, BITS, impl=impl), fake_quant64(x64, clip, BITS)),
             "norm_fake_quant": (norm_fake_quant(x, w, None, EPS, "layernorm", clip, BITS, impl=impl),
-                                _quantize64(F.layer_norm(x64, (2050,), w64, None, EPS), clip)),
+                                fake_quant64(F.layer_norm(x64, (2050,), w64, None, EPS), clip, BITS)),
             "act_fake_quant gelu": (act_fake_quant(a, "gelu", clip, BITS, impl=impl),
-                                    _quantize64(F.gelu(a64, approximate="tanh"), clip)),
+                                    fake_quant64(F.gelu(a64, approximate="tanh"), clip, BITS)),
         }
         for name, (out, ref) in cases.items():
             steps = ((out.double() - ref).abs() / step)

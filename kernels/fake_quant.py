@@ -17,6 +17,10 @@ more than the memory traffic): round(z) / s is computed as round(z) * ((c_hi - c
 This module also holds the stand-alone kernels for inputs whose producer is not fused (the
 attention output). They read any [..., C] layout whose rows are two strided dims of contiguous
 channels (the attention output permuted to [s, b, h] is one), so that layout change costs no copy.
+The forward is compiled without FMA contraction (as ``kernels.norm_quant``): contracted, z * s + M
+rounds once instead of twice (x_hat one grid step off on 1e-4 of the H200's bf16 outputs,
+docs/benchmarks.md) and round(z) * step + c_lo becomes one FMA; uncontracted it computes
+quantize_torch's operations, which W4A4 evaluation relies on (it runs this kernel for every layer).
 
 Inverted clips (c_hi <= c_lo) make the outputs NaN rather than raise: a check on the host would
 synchronize every call, one on the device costs launches; the trainer reports the NaN step.
@@ -403,7 +407,8 @@ def _forward_triton(x, clip, bits, clipped=None):
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))
     counts = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=x.device) if clipped is not None else out
     _fwd_kernel[grid](x, clip, out, counts, n_rows, n_cols, n_j, stride_i, stride_j, float(2 ** bits - 1),
-                      COUNT=clipped is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8)
+                      COUNT=clipped is not None, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=8,
+                      enable_fp_fusion=False)
     if clipped is not None:
         add_clipped(clipped, counts)
     return out

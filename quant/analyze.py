@@ -51,8 +51,7 @@ class InputStats:
         for bits in (8, 4):
             self._add(f"se_a{bits}", (fake_quant_per_token(x, bits) - x).pow(2).mean(1).sum().item())
         if self.clip is not None:
-            c_lo, c_hi = self.clip
-            self._add("se_clip", (fake_quant_static_clip(x, c_lo, c_hi, self.clip_bits) - x).pow(2).mean(1).sum().item())
+            self._add("se_clip", (fake_quant_static_clip(x, self.clip, self.clip_bits) - x).pow(2).mean(1).sum().item())
 
     def add_output(self, y: torch.Tensor) -> None:
         self._add("output_kurtosis", token_kurtosis(y.detach().reshape(-1, y.shape[-1]).float()).sum().item())
@@ -105,8 +104,9 @@ def analyze(model, windows: torch.Tensor, qat_bits=None, batch_size: int = 8) ->
     stats, handles = {}, []
     for name, linear in block_linears(model):
         q = linear.input_quant
-        stats[name] = InputStats(q.clip.tolist() if q is not None else None, qat_bits)
-        linear.input_quant = act_quantizer(qat_bits, q.clip.detach().float()) if q is not None else None
+        clip = q.clip.detach().float() if q is not None else None
+        stats[name] = InputStats(clip, qat_bits)
+        linear.input_quant = act_quantizer(qat_bits, clip) if clip is not None else None
         handles.append(linear.register_forward_pre_hook(lambda m, args, s=stats[name]: s.add(args[0])))
         handles.append(linear.register_forward_hook(lambda m, args, y, s=stats[name]: s.add_output(y)))
     start = time.perf_counter()

@@ -7,9 +7,11 @@ the dequantized weight of its integer codes. Embeddings and the LM head stay 16-
 - weights: codes from a quantized checkpoint (quant.gptq) when it has this bit width, else
   min-max RTN per output channel (asymmetric; 8 bits: symmetric int8 vector-wise, quant.int8).
 - activations of a QAT model, at any width below 16: its learned static clip range on that width's
-  grid (at the QAT width exactly what training saw, "native A4"; at 8 bits a finer grid over the
-  same range: a QAT model trained on clamped inputs falls apart on unclamped ones, see
-  docs/studies/w4a4-125m).
+  grid, by the training quantizer itself (at the QAT width "native A4": an fp32 model on CPU gets
+  bit for bit the layer inputs of training; not so in bf16, where training's fused norm and
+  activation kernels quantize their unrounded fp32 result and evaluation the producer's bf16
+  output; at 8 bits a finer grid over the same range: a QAT model trained on clamped inputs falls
+  apart on unclamped ones, see docs/studies/w4a4-125m).
 - other models' activations: 8 bits per-token symmetric int8 (with 8-bit weights and no checkpoint
   codes the layer runs the W8A8 vector-wise INT8 GEMM, quant.int8: torch._int_mm on GPU, exact
   integers on CPU); 4 bits and below per-token dynamic asymmetric min-max.
@@ -69,9 +71,7 @@ def act_quantizer(bits: int, clip: Optional[torch.Tensor]) -> Optional[ActQuant]
     if bits == 16:
         return None
     if clip is not None:
-        c_lo, c_hi = clip.tolist()
-        return ActQuant(functools.partial(fake_quant_static_clip, c_lo=c_lo, c_hi=c_hi, bits=bits),
-                        "qat clip")
+        return ActQuant(functools.partial(fake_quant_static_clip, clip=clip, bits=bits), "qat clip")
     if bits == 8:
         return ActQuant(functools.partial(fake_quant_per_token, bits=8, sym=True), "per-token int8")
     return ActQuant(functools.partial(fake_quant_per_token, bits=bits), f"per-token asym {bits}-bit")

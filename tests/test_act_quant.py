@@ -14,6 +14,7 @@ import triton.language as tl
 
 from kernels.act_quant import (_activation_torch, _backward_triton, _gated, _load_input,
                                act_fake_quant)
+from tests.quant_utils import fake_quant64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IMPLS = ["torch", "triton"]
@@ -60,12 +61,6 @@ def _act64(a, kind):
         return F.gelu(a, approximate="tanh")
     gate, up = a.unflatten(-1, (-1, 2)).unbind(-1)
     return F.silu(gate) * up
-
-
-def _quantize64(h, clip):
-    lo, hi = clip.double()
-    s = N_STEPS / (hi - lo)
-    return torch.round((torch.clamp(h.double(), lo, hi) - lo) * s) / s + lo
 
 
 def _surrogate64(h, lo, hi, r, inside, above):
@@ -143,7 +138,7 @@ def test_activation_matches_float64(kind, dtype):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_matches_reference_and_float64(shape, dtype, kind):
     a = _inputs(shape, dtype, seed=2)
-    ref64 = _quantize64(_act64(a, kind), _clip_values(torch.float32))
+    ref64 = fake_quant64(_act64(a, kind), _clip_values(torch.float32), BITS)
     outs = {impl: act_fake_quant(a, kind, _clip(), BITS, impl=impl) for impl in IMPLS}
     for impl, out in outs.items():
         assert out.dtype == dtype and out.shape == _out_shape(shape, kind), impl

@@ -8,6 +8,7 @@ import torch
 
 from kernels import fake_quant, fake_quant_backward, fake_quant_forward
 from kernels.fake_quant import _backward_triton, _divider, _sum_partials_kernel
+from tests.quant_utils import fake_quant64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IMPLS = ["torch", "triton"]
@@ -38,13 +39,6 @@ def _straddling(shape, dtype, seed):
 # fake_quant: float64 references
 # ---------------------------------------------------------------------------------------------
 
-def _fake_quant64(x, clip, bits):
-    x, (c_lo, c_hi) = x.double(), clip.detach().double()
-    s = (2 ** bits - 1) / (c_hi - c_lo)
-    z = (torch.clamp(x, c_lo, c_hi) - c_lo) * s
-    return torch.round(z) / s + c_lo
-
-
 def _surrogate_clip_grads64(x, g, clip, bits, h=1e-6):
     """Float64 central differences of sum(g * (clamp(x, c_lo, c_hi) + r / s)), r frozen."""
     x, g = x.double(), g.double()
@@ -70,7 +64,7 @@ def _surrogate_clip_grads64(x, g, clip, bits, h=1e-6):
 def test_fake_quant_forward_matches_reference_and_float64(shape, dtype):
     x = _straddling(shape, dtype, seed=1)
     clip = _clip()
-    ref64 = _fake_quant64(x, clip, BITS)
+    ref64 = fake_quant64(x, clip, BITS)
     outs = {impl: fake_quant_forward(x, clip, BITS, impl=impl) for impl in IMPLS}
     for impl, out in outs.items():
         assert out.dtype == dtype and out.shape == x.shape, impl

@@ -11,6 +11,7 @@ import triton
 
 from kernels.norm_quant import (_affine_torch, _backward_triton, _column_sums_kernel,
                                 _forward_triton, _stats_torch, norm_fake_quant)
+from tests.quant_utils import fake_quant64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 IMPLS = ["torch", "triton"]
@@ -80,12 +81,6 @@ def _decisions32(x, weight, bias, kind, clip):
     lo, hi = clip.float()
     z = (torch.clamp(y, lo, hi) - lo) * ((2 ** BITS - 1) / (hi - lo))
     return y >= hi, y <= lo, torch.round(z).double()
-
-
-def _quantize64(y, clip):
-    lo, hi = clip.double()
-    s = (2 ** BITS - 1) / (hi - lo)
-    return torch.round((torch.clamp(y, lo, hi) - lo) * s) / s + lo
 
 
 def _surrogate_grads64(x, weight, bias, kind, clip, g):
@@ -189,7 +184,7 @@ def test_forward_matches_reference_and_float64(shape, dtype, kind, with_bias):
     clip = _clip()
     y64 = _norm64(x, weight, bias, kind)
     torch.testing.assert_close(_y32(x, weight, bias, kind).double(), y64, rtol=1e-5, atol=1e-5)
-    ref64 = _quantize64(y64, clip)
+    ref64 = fake_quant64(y64, clip, BITS)
     assert (ref64 == clip.double()[0]).any() and (ref64 == clip.double()[1]).any()
     outs = {impl: _run(impl, x, weight, bias, kind, clip) for impl in IMPLS}
     for impl, out in outs.items():

@@ -118,6 +118,7 @@ def evaluation_checks():
     from quant.convert import convert
     from quant.evaluate import perplexity
     from quant.rtn import rtn_quantize
+    from tests.quant_utils import fake_quant64
 
     _, model = tiny_model(qat=False)
     windows = torch.randint(0, 96, (5, 16), generator=torch.Generator().manual_seed(2))
@@ -165,8 +166,7 @@ def evaluation_checks():
     layer.input_quant.clip.data = torch.tensor([-1.5, 2.0])
     convert(model, 4, 4, q4)
     yc = layer(x).reshape(-1, 96).double()
-    s = 15 / 3.5
-    x_hat = torch.round((xt.clamp(-1.5, 2.0) + 1.5) * s) / s - 1.5
+    x_hat = fake_quant64(xt, torch.tensor([-1.5, 2.0]), 4)
     handc = x_hat @ (cw.double() * sw).T + b
 
     # W8A8 (QAT): the same learned clip range on the 8-bit grid, int8 vector-wise weights.
@@ -176,8 +176,7 @@ def evaluation_checks():
     w = layer.weight.detach().clone().double()
     convert(model, 8, 8)
     y8c = layer(x).reshape(-1, 96).double()
-    s8 = 255 / 3.5
-    x_hat8 = torch.round((xt.clamp(-1.5, 2.0) + 1.5) * s8) / s8 - 1.5
+    x_hat8 = fake_quant64(xt, torch.tensor([-1.5, 2.0]), 8)
     sw8 = w.abs().amax(1, keepdim=True) / 127
     hand8c = x_hat8 @ (torch.round(w / sw8) * sw8).T + b
     return got_ppl, hand_ppl, (y8, hand8), (y4, hand4), (yc, handc), (y8c, hand8c)
@@ -214,6 +213,38 @@ def test_analysis_runs_a_qat_model_as_trained():
     assert got.keys() == want.keys()
     for name in got:
         assert got[name] == pytest.approx(want[name], rel=1e-5), name
+
+
+def linear_inputs_as_trained_and_evaluated():
+    """Every block linear's quantized input in one forward of a QAT model (clips set by init=mse
+    from that batch) as trained, and after quant.convert to W16A4."""
+    from quant.convert import block_linears, convert
+
+    windows = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(6))
+    _, model = tiny_model(qat=True)
+    with torch.no_grad():
+        model(windows)
+    _, evaluated = tiny_model(qat=True)
+    evaluated.load_state_dict(model.state_dict())
+    convert(evaluated, 16, 4)
+    seen = []
+    for m in (model, evaluated):
+        inputs = {}
+        for name, linear in block_linears(m):
+            linear.linear.register_forward_pre_hook(lambda _, args, n=name, d=inputs: d.setdefault(n, args[0]))
+        with torch.no_grad():
+            m(windows)
+        seen.append(inputs)
+    return seen
+
+
+def test_w16a4_evaluation_quantizes_every_linear_input_as_training():
+    """Bit for bit in fp32. (Not in bf16: training's norm and activation kernels quantize their
+    fp32 result, evaluation the producer's output rounded to bf16.)"""
+    trained, evaluated = run_distributed(linear_inputs_as_trained_and_evaluated, 1)[0]
+    assert len(trained) == 8 and trained.keys() == evaluated.keys()
+    for name, x_hat in trained.items():
+        assert torch.equal(evaluated[name], x_hat), name
 
 
 def test_perplexity_and_converted_layers_match_hand_computation():
