@@ -2,23 +2,32 @@
 ``--section.key value``, and validated before any work starts.
 
 Each option is documented once, beside its field in the dataclass that owns it:
-``model.GPTConfig``, ``pretrain.parallel.ParallelConfig``, ``OptimConfig``, ``TrainConfig`` and
-``CheckpointConfig`` below, ``data_prep.DataConfig``, ``quant.qat.QATConfig`` and
-``quant.regularize.KurtosisConfig``.
+``model.config.GPTConfig``, ``ParallelConfig``, ``OptimConfig``, ``TrainConfig`` and
+``CheckpointConfig`` below, ``data_prep.config.DataConfig`` and ``quant.config.QATConfig`` /
+``KurtosisConfig``. None of these modules imports torch: a config loads, and is refused, at once.
 """
 import dataclasses
 import keyword
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 
 import yaml
 
-from data_prep import DataConfig
-from model.gpt import GPTConfig
-from pretrain.parallel import ParallelConfig
-from quant.qat import QATConfig
-from quant.regularize import KurtosisConfig
+from data_prep.config import DataConfig
+from model.config import GPTConfig
+from quant.config import KurtosisConfig, QATConfig
+
+
+@dataclass
+class ParallelConfig:
+    """The `parallel:` section: how the world is split. DP size = world size / (tensor * pipeline)."""
+    tensor: int = 1                  # tensor-parallel size (must divide heads, MLP width, vocab)
+    pipeline: int = 1                # pipeline-parallel stages
+    sequence_parallel: bool = False  # split norms/dropout activations along the sequence over TP ranks
+    zero_stage: int = 1              # DeepSpeed ZeRO stage: 0, 1 or 2 (pipeline parallelism allows <= 1)
+    partition: str = "parameters"    # how layers are split into stages: parameters | type:Block (equal block counts) | uniform
 
 
 @dataclass
@@ -190,6 +199,11 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return config_from_dict(_merge(data, parse_overrides(list(overrides))))
+
+
+def world_size_from_env() -> int:
+    """The world size torchrun, the deepspeed launcher and srun set (1 when started plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def validate(cfg: Config, world_size: int) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from data_prep import build_datasets, check_data_files, check_tokenizer, micro_batches
+from data_prep.datasets import build_datasets, check_data_files, check_tokenizer, micro_batches
 from pretrain import checkpoint
 from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError, load_config, validate
