@@ -5,19 +5,10 @@ from dataclasses import dataclass
 
 @dataclass
 class DataConfig:
-    """The ``data:`` section of the training YAML."""
-
-    paths: list[str]
-    """Dataset prefixes written by ``python -m data_prep.tokenize`` (without .bin/.idx/.json)."""
-    weights: list[float] | None = None
-    """Blend weights, one per path, normalized to sum 1. None: proportional to each dataset's token
-    count, i.e. every token is seen equally often."""
-    split: str = "98,2,0"
-    """train,valid,test fractions of each dataset's documents (contiguous ranges, in file order).
-    Ignored for validation when ``valid_paths`` is set (then all of ``paths`` is training data)."""
-    tokenizer: str = ""
-    """Path of the SentencePiece .model the data must have been tokenized with (checked by hash)."""
-    cache_dir: str | None = None
-    """Where the index caches go; default ``<directory of the first path>/index-cache``."""
-    valid_paths: list[str] | None = None
-    """Held-out dataset prefixes for validation (e.g. the corpus's valid shard), blended by size."""
+    """The `data:` section: the token files to train and validate on."""
+    paths: list[str]                 # dataset prefixes written by python -m data_prep.tokenize (no .bin/.idx)
+    weights: list[float] | None = None  # blend weights, one per path; null = by token count (every token equally often)
+    split: str = "98,2,0"            # train,valid,test fractions of each dataset's documents (all train with valid_paths)
+    tokenizer: str = ""              # the SentencePiece .model the data was tokenized with (checked by hash)
+    cache_dir: str | None = None     # where the index caches go; null = <directory of the first path>/index-cache
+    valid_paths: list[str] | None = None  # held-out prefixes to validate on (the corpus's valid shard), blended by size

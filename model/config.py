@@ -8,12 +8,12 @@ class GPTConfig:
     """Model shape and recipe knobs (the `model:` section of a training config)."""
     vocab_size: int = 8192           # embedding rows; >= the tokenizer's vocabulary, divisible by TP
     seq_length: int = 256            # tokens per training window
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
+    hidden_size: int = 256           # width of the residual stream
+    num_layers: int = 4              # transformer blocks
+    num_heads: int = 4               # attention heads; they divide hidden_size
     mlp_ratio: float = 4.0           # MLP inner width = mlp_ratio * hidden_size
     norm: str = "layernorm"          # layernorm | rmsnorm
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5           # added to the variance in every norm
     norm_fp32: bool = False          # compute norms in fp32 (fp16 training needs it)
     mlp: str = "gelu"                # gelu | swiglu
     positions: str = "learned"       # learned | rope

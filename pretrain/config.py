@@ -38,9 +38,9 @@ class OptimConfig:
     warmup_steps: int = 100          # linear warmup from 0 to lr
     decay_steps: int = 0             # cosine length after warmup; 0 = until train.steps
     weight_decay: float = 0.1        # on weight matrices and embeddings; never on biases, norm gains, clips
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9               # AdamW decay of the gradient mean
+    beta2: float = 0.95              # AdamW decay of the squared-gradient mean
+    eps: float = 1e-8                # AdamW denominator epsilon
     grad_clip: float = 1.0           # clip the global gradient norm (true norm over TP); 0 = off
 
 
@@ -52,7 +52,7 @@ class TrainConfig:
     global_batch_size: int = 32      # sequences per step = micro_batch_size x DP x gradient accumulation
     bf16: bool = False               # bf16 weights/activations, fp32 master weights (fp32 grad accumulation under PP)
     fp16: bool = False               # fp16 with dynamic loss scaling (pair with model.norm_fp32: true)
-    seed: int = 1234
+    seed: int = 1234                 # initial weights, data order and dropout masks
     log_interval: int = 10           # steps between log lines / TensorBoard points
     eval_interval: int = 100         # steps between validation losses; 0 = only at the end
     eval_iters: int = 10             # validation batches of global_batch_size sequences per evaluation (any layout)

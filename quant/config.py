@@ -14,7 +14,7 @@ class QATConfig:
     min/max), the clips with the least squared quantization error, per layer; ``minmax`` its
     min/max. Per-layer clips are what brings QAT's W4A4 perplexity to the baseline's
     (docs/benchmarks.md), as does a start after warmup."""
-    enabled: bool = False
+    enabled: bool = False            # fake-quantize the inputs of `layers` while training
     bits: int = 4                    # activation bits (2..8)
     init: str = "mse"                # clips from the first quantized batch: mse | minmax | constant (+-init_value)
     init_value: float = 2.0          # init=constant: clips at +-init_value (2 beat the paper's 4)
@@ -36,11 +36,11 @@ class QATConfig:
 @dataclass
 class KurtosisConfig:
     """The `kurtosis:` section: penalize the per-token kurtosis of linear-layer outputs."""
-    enabled: bool = False
+    enabled: bool = False            # add the penalty's gradient at the `sites` outputs
     lambda_: float = 1e-3            # strength (YAML/CLI key: `lambda`); default measured in docs/benchmarks.md
     reduce: str = "mean"             # over tokens: mean | sum (sum makes lambda scale with the micro-batch)
     sites: str = "residual"          # residual: attention out-projection and MLP fc2 | all: every block linear
-    eps: float = 1e-20               # kappa = m4 / (m2^2 + eps); kernels.KURTOSIS_EPS (why this value: kernels/kurtosis.py)
+    eps: float = 1e-20               # kappa = m4 / (m2^2 + eps); the kernels' default, argued in kernels/kurtosis.py
 
     def validate(self) -> None:
         if self.reduce not in ("mean", "sum"):
