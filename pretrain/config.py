@@ -126,6 +126,12 @@ def _coerce(value, typ, where: str):
     return value
 
 
+def yaml_key(name: str) -> str:
+    """A field's key in YAML and on the command line: a Python keyword (`lambda`) names its field with a
+    trailing underscore."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def dataclass_from_dict(cls, data: dict, prefix: str = ""):
     """A dataclass from a YAML mapping: types checked, unknown keys refused (naming the known ones)."""
     # A key that is a Python keyword (`lambda`) names the field with a trailing underscore.

@@ -11,10 +11,11 @@ import logging
 import sys
 
 from pretrain.config import ConfigError, load_config, validate, world_size_from_env
+from pretrain.config_reference import help_text
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m pretrain.train", description=__doc__, epilog=help_text(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (configs/NAME.yaml)")
     parser.add_argument("--resume", help="auto (newest complete checkpoint) | none | a checkpoint path; "

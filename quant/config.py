@@ -37,7 +37,7 @@ class QATConfig:
 class KurtosisConfig:
     """The `kurtosis:` section: penalize the per-token kurtosis of linear-layer outputs."""
     enabled: bool = False            # add the penalty's gradient at the `sites` outputs
-    lambda_: float = 1e-3            # strength (YAML/CLI key: `lambda`); default measured in docs/benchmarks.md
+    lambda_: float = 1e-3            # strength; the default is measured in docs/benchmarks.md
     reduce: str = "mean"             # over tokens: mean | sum (sum makes lambda scale with the micro-batch)
     sites: str = "residual"          # residual: attention out-projection and MLP fc2 | all: every block linear
     eps: float = 1e-20               # kappa = m4 / (m2^2 + eps); the kernels' default, argued in kernels/kurtosis.py

@@ -1,7 +1,15 @@
-"""Bad configuration fails before any work, with a message that names the problem."""
+"""Bad configuration fails before any work, with a message that names the problem; every key is
+documented in --help and the README, generated from the config dataclasses."""
+import dataclasses
+import re
+import subprocess
+import sys
+import typing
+
 import pytest
 
-from pretrain.config import ConfigError, load_config, parse_overrides, validate
+from pretrain.config import Config, ConfigError, load_config, parse_overrides, validate, yaml_key
+from pretrain.config_reference import README, markdown, readme_reference
 from pretrain.train import main
 
 
@@ -53,3 +61,26 @@ def test_overrides_typed_and_nested():
 def test_every_shipped_config_is_valid():
     for name, world in (("tiny", 1), ("125m", 8), ("350m", 8), ("1b", 8)):
         validate(load_config(f"configs/{name}.yaml"), world)
+
+
+def test_help_lists_every_key_of_every_section_without_importing_torch():
+    run = subprocess.run([sys.executable, "-X", "importtime", "-m", "pretrain.train", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in run.stderr.splitlines()}
+    assert not imported & {"torch", "megatron", "deepspeed", "triton"}     # what made --help take seconds
+    assert run.stdout.startswith("usage: python -m pretrain.train [-h] [--config CONFIG] [--resume RESUME]\n")
+    blocks = {lines[0]: lines[1:] for lines in (b.splitlines() for b in run.stdout.strip().split("\n\n"))}
+    for section, cls in typing.get_type_hints(Config).items():
+        rows = blocks[f"{section} ({cls.__module__}.{cls.__qualname__}):"]
+        assert [row.split(":")[0].strip() for row in rows] == [yaml_key(f.name) for f in dataclasses.fields(cls)]
+        assert all(re.fullmatch(r"  \w+: .+ = .+?  +\S.*", row) for row in rows), rows    # each with its doc
+    optim, data = blocks["optim (pretrain.config.OptimConfig):"], blocks["data (data_prep.config.DataConfig):"]
+    assert optim[0] == "  lr: float = 0.0003         peak learning rate (clip values use it too)"
+    assert data[0].startswith("  paths: list[str] = required           dataset prefixes written by")
+    assert blocks["kurtosis (quant.config.KurtosisConfig):"][1].startswith("  lambda: float = 0.001  ")
+
+
+def test_readme_config_reference_is_the_generated_one():
+    with open(README) as f:
+        assert readme_reference(f.read()) == markdown(), "run python -m pretrain.config_reference"
