@@ -7,6 +7,7 @@ Each option is documented once, beside its field in the dataclass that owns it:
 ``KurtosisConfig``. None of these modules imports torch: a config loads, and is refused, at once.
 """
 import dataclasses
+import difflib
 import keyword
 import os
 import types
@@ -133,16 +134,20 @@ def yaml_key(name: str) -> str:
 
 
 def dataclass_from_dict(cls, data: dict, prefix: str = ""):
-    """A dataclass from a YAML mapping: types checked, unknown keys refused (naming the known ones)."""
+    """A dataclass from a YAML mapping: types checked, an unknown key refused with the closest known
+    one (a typo is the usual cause) and all of them."""
     # A key that is a Python keyword (`lambda`) names the field with a trailing underscore.
     data = {f"{k}_" if keyword.iskeyword(k) else k: v for k, v in data.items()}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
+        known = sorted(yaml_key(n) for n in names)
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]!r}; known keys{' of ' + prefix if prefix else ''}: "
-                          f"{', '.join(sorted(names))}")
+        close = difflib.get_close_matches(yaml_key(unknown[0]), known, n=1)
+        guess = f" (did you mean {where}{close[0]}?)" if close else ""
+        raise ConfigError(f"unknown config key {where}{yaml_key(unknown[0])!r}{guess}; "
+                          f"known keys{' of ' + prefix if prefix else ''}: {', '.join(known)}")
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in data]

@@ -20,8 +20,6 @@ def _error(capsys, monkeypatch, world: int, *overrides: str) -> str:
 
 
 @pytest.mark.parametrize("world, overrides, message", [
-    (1, ["--model.hidden_sizee", "64"], "unknown config key model.'hidden_sizee'"),
-    (1, ["--trian.steps", "3"], "unknown config key 'trian'"),
     (1, ["--model.num_heads", "3"], "model.num_heads=3 does not divide model.hidden_size=128"),
     (2, ["--parallel.tensor", "2", "--model.num_heads", "3", "--model.hidden_size", "96"],
      "tensor parallel size 2 does not divide model.num_heads=3"),
@@ -35,6 +33,29 @@ def _error(capsys, monkeypatch, world: int, *overrides: str) -> str:
 ])
 def test_bad_config_is_refused_before_any_work(capsys, monkeypatch, world, overrides, message):
     assert message in _error(capsys, monkeypatch, world, *overrides)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--optim.lrr", "unknown config key optim.'lrr' (did you mean optim.lr?); known keys of optim: beta1, beta2, "
+                    "decay_steps, eps, grad_clip, lr, min_lr, warmup_steps, weight_decay"),
+    ("--trian.steps", "unknown config key 'trian' (did you mean train?); known keys: checkpoint, data, kurtosis, "
+                      "model, optim, parallel, qat, train"),
+    ("--kurtosis.lamda", "unknown config key kurtosis.'lamda' (did you mean kurtosis.lambda?); known keys of "
+                         "kurtosis: enabled, eps, lambda, reduce, sites"),
+    ("--optim.momentum", "unknown config key optim.'momentum'; known keys of optim: beta1, beta2, decay_steps, eps, "
+                         "grad_clip, lr, min_lr, warmup_steps, weight_decay"),
+])
+def test_unknown_key_or_section_names_the_closest_known_one(capsys, monkeypatch, override, message):
+    assert _error(capsys, monkeypatch, 1, override, "1") == f"config error: {message}\n"
+
+
+def test_unknown_yaml_key_names_the_closest_known_one(capsys, monkeypatch, tmp_path):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("qat:\n  enabeld: true\n")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["--config", str(typo)]) == 2
+    assert capsys.readouterr().err == ("config error: unknown config key qat.'enabeld' (did you mean qat.enabled?); "
+                                       "known keys of qat: bits, enabled, init, init_value, layers, start_step\n")
 
 
 def test_yaml_syntax_errors_are_one_line_naming_the_file_or_override(capsys, monkeypatch, tmp_path):
