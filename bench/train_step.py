@@ -110,9 +110,8 @@ def parse_spec(spec: str) -> tuple[int, str, list[str]]:
 
 def run_variant(spec: str, config: str, micro: int, steps: int, warmup: int, profile: bool = False) -> dict:
     """``spec`` is ``[Nx]NAME[@overrides]`` (see the module docstring); this process is one of N."""
-    from pretrain.config import load_config
+    from pretrain.config import load_config, world_size_from_env
     from pretrain.metrics import flops_per_token, matmul_params
-    from pretrain.parallel import world_size_from_env
 
     gpus, variant, extra = parse_spec(spec)
     cfg = load_config(config, ["--train.micro_batch_size", str(micro),

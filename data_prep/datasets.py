@@ -10,7 +10,6 @@ import os
 import struct
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -21,6 +20,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import (_INDEX_HEADER, DType, IndexedDataset, get_bin_path,
                                                      get_idx_path)
 
+from data_prep.config import DataConfig
 from data_prep.tokenize import read_sidecar
 from data_prep.tokenizer import file_sha256, load_tokenizer
 
@@ -30,26 +30,6 @@ from data_prep.tokenizer import file_sha256, load_tokenizer
 IDX_HEADER = struct.Struct(f"<{len(_INDEX_HEADER)}sQBQQ")
 IDX_VERSION = 1
 CHECK_CHUNK = 1 << 22  # index entries checked at a time: bounded memory whatever the corpus size
-
-
-@dataclass
-class DataConfig:
-    """The ``data:`` section of the training YAML."""
-
-    paths: list[str]
-    """Dataset prefixes written by ``python -m data_prep.tokenize`` (without .bin/.idx/.json)."""
-    weights: list[float] | None = None
-    """Blend weights, one per path, normalized to sum 1. None: proportional to each dataset's token
-    count, i.e. every token is seen equally often."""
-    split: str = "98,2,0"
-    """train,valid,test fractions of each dataset's documents (contiguous ranges, in file order).
-    Ignored for validation when ``valid_paths`` is set (then all of ``paths`` is training data)."""
-    tokenizer: str = ""
-    """Path of the SentencePiece .model the data must have been tokenized with (checked by hash)."""
-    cache_dir: str | None = None
-    """Where the index caches go; default ``<directory of the first path>/index-cache``."""
-    valid_paths: list[str] | None = None
-    """Held-out dataset prefixes for validation (e.g. the corpus's valid shard), blended by size."""
 
 
 def _all_paths(cfg: DataConfig) -> list[str]:

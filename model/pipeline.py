@@ -8,7 +8,8 @@ layer's parameters ``"<i>.<name inside the layer>"``; :func:`to_gpt_name` and
 """
 from deepspeed.pipe import LayerSpec
 
-from model.gpt import Block, Embedding, GPTConfig, Head, build_layer, megatron_config
+from model.config import GPTConfig
+from model.gpt import Block, Embedding, Head, build_layer, megatron_config
 
 
 class SeededLayerSpec(LayerSpec):

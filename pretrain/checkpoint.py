@@ -49,7 +49,7 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 from megatron.core import parallel_state
 
-from data_prep import load_tokenizer
+from data_prep.tokenizer import load_tokenizer
 from model.pipeline import to_gpt_name
 from pretrain.config import Config, ConfigError, config_from_dict
 from pretrain.parallelize import is_pipeline

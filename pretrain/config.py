@@ -2,23 +2,33 @@
 ``--section.key value``, and validated before any work starts.
 
 Each option is documented once, beside its field in the dataclass that owns it:
-``model.GPTConfig``, ``pretrain.parallel.ParallelConfig``, ``OptimConfig``, ``TrainConfig`` and
-``CheckpointConfig`` below, ``data_prep.DataConfig``, ``quant.qat.QATConfig`` and
-``quant.regularize.KurtosisConfig``.
+``model.config.GPTConfig``, ``ParallelConfig``, ``OptimConfig``, ``TrainConfig`` and
+``CheckpointConfig`` below, ``data_prep.config.DataConfig`` and ``quant.config.QATConfig`` /
+``KurtosisConfig``. None of these modules imports torch: a config loads, and is refused, at once.
 """
 import dataclasses
+import difflib
 import keyword
+import os
 import types
 import typing
 from dataclasses import dataclass, field
 
 import yaml
 
-from data_prep import DataConfig
-from model.gpt import GPTConfig
-from pretrain.parallel import ParallelConfig
-from quant.qat import QATConfig
-from quant.regularize import KurtosisConfig
+from data_prep.config import DataConfig
+from model.config import GPTConfig
+from quant.config import KurtosisConfig, QATConfig
+
+
+@dataclass
+class ParallelConfig:
+    """The `parallel:` section: how the world is split. DP size = world size / (tensor * pipeline)."""
+    tensor: int = 1                  # tensor-parallel size (must divide heads, MLP width, vocab)
+    pipeline: int = 1                # pipeline-parallel stages
+    sequence_parallel: bool = False  # split norms/dropout activations along the sequence over TP ranks
+    zero_stage: int = 1              # DeepSpeed ZeRO stage: 0, 1 or 2 (pipeline parallelism allows <= 1)
+    partition: str = "parameters"    # how layers are split into stages: parameters | type:Block (equal block counts) | uniform
 
 
 @dataclass
@@ -29,9 +39,9 @@ class OptimConfig:
     warmup_steps: int = 100          # linear warmup from 0 to lr
     decay_steps: int = 0             # cosine length after warmup; 0 = until train.steps
     weight_decay: float = 0.1        # on weight matrices and embeddings; never on biases, norm gains, clips
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9               # AdamW decay of the gradient mean
+    beta2: float = 0.95              # AdamW decay of the squared-gradient mean
+    eps: float = 1e-8                # AdamW denominator epsilon
     grad_clip: float = 1.0           # clip the global gradient norm (true norm over TP); 0 = off
 
 
@@ -43,7 +53,7 @@ class TrainConfig:
     global_batch_size: int = 32      # sequences per step = micro_batch_size x DP x gradient accumulation
     bf16: bool = False               # bf16 weights/activations, fp32 master weights (fp32 grad accumulation under PP)
     fp16: bool = False               # fp16 with dynamic loss scaling (pair with model.norm_fp32: true)
-    seed: int = 1234
+    seed: int = 1234                 # initial weights, data order and dropout masks
     log_interval: int = 10           # steps between log lines / TensorBoard points
     eval_interval: int = 100         # steps between validation losses; 0 = only at the end
     eval_iters: int = 10             # validation batches of global_batch_size sequences per evaluation (any layout)
@@ -117,17 +127,27 @@ def _coerce(value, typ, where: str):
     return value
 
 
+def yaml_key(name: str) -> str:
+    """A field's key in YAML and on the command line: a Python keyword (`lambda`) names its field with a
+    trailing underscore."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def dataclass_from_dict(cls, data: dict, prefix: str = ""):
-    """A dataclass from a YAML mapping: types checked, unknown keys refused (naming the known ones)."""
+    """A dataclass from a YAML mapping: types checked, an unknown key refused with the closest known
+    one (a typo is the usual cause) and all of them."""
     # A key that is a Python keyword (`lambda`) names the field with a trailing underscore.
     data = {f"{k}_" if keyword.iskeyword(k) else k: v for k, v in data.items()}
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
+        known = sorted(yaml_key(n) for n in names)
         where = f"{prefix}." if prefix else ""
-        raise ConfigError(f"unknown config key {where}{unknown[0]!r}; known keys{' of ' + prefix if prefix else ''}: "
-                          f"{', '.join(sorted(names))}")
+        close = difflib.get_close_matches(yaml_key(unknown[0]), known, n=1)
+        guess = f" (did you mean {where}{close[0]}?)" if close else ""
+        raise ConfigError(f"unknown config key {where}{yaml_key(unknown[0])!r}{guess}; "
+                          f"known keys{' of ' + prefix if prefix else ''}: {', '.join(known)}")
     required = [f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in data]
@@ -190,6 +210,11 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return config_from_dict(_merge(data, parse_overrides(list(overrides))))
+
+
+def world_size_from_env() -> int:
+    """The world size torchrun, the deepspeed launcher and srun set (1 when started plainly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def validate(cfg: Config, world_size: int) -> None:

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from model.gpt import GPTConfig
+from model.config import GPTConfig
 
 log = logging.getLogger("pretrain")
 

@@ -13,15 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-
-@dataclass
-class ParallelConfig:
-    """The `parallel:` section: how the world is split. DP size = world size / (tensor * pipeline)."""
-    tensor: int = 1                  # tensor-parallel size (must divide heads, MLP width, vocab)
-    pipeline: int = 1                # pipeline-parallel stages
-    sequence_parallel: bool = False  # split norms/dropout activations along the sequence over TP ranks
-    zero_stage: int = 1              # DeepSpeed ZeRO stage: 0, 1 or 2 (pipeline parallelism allows <= 1)
-    partition: str = "parameters"    # how layers are split into stages: parameters | type:Block (equal block counts) | uniform
+from pretrain.config import ParallelConfig, world_size_from_env
 
 
 @dataclass(frozen=True)
@@ -78,10 +70,6 @@ def _megatron_on_cpu() -> None:
     raises, so answer it with the CPU. GPU hosts are untouched."""
     if not torch.cuda.is_available():
         torch.cuda.current_device = lambda: "cpu"
-
-
-def world_size_from_env() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def init_distributed(cfg: ParallelConfig) -> ParallelDims:

@@ -172,7 +172,7 @@ def _label(path: str, taken: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from data_prep import load_tokenizer
+    from data_prep.tokenizer import load_tokenizer
     from pretrain.parallel import ParallelConfig, init_distributed
     from quant.corpora import calibration_windows
     from quant.load import build_model, load_checkpoint

@@ -120,7 +120,7 @@ def selected_configs(args) -> dict[str, tuple[int, int]]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    from data_prep import load_tokenizer
+    from data_prep.tokenizer import load_tokenizer
     from pretrain.parallel import ParallelConfig, init_distributed
     from quant import gptq
     from quant.convert import convert

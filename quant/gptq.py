@@ -203,7 +203,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     t0 = time.perf_counter()
-    from data_prep import load_tokenizer
+    from data_prep.tokenizer import load_tokenizer
     from pretrain.parallel import ParallelConfig, init_distributed
     from quant.corpora import CALIB_DOCS, calibration_windows
     from quant.load import build_model, load_checkpoint

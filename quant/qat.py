@@ -14,7 +14,6 @@ recipe and x_hat is recomputed from x in backward (x is kept anyway: SDPA keeps 
 adds no memory passes at fused inputs and keeps no activation the unquantized model would not keep.
 """
 import contextlib
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -22,37 +21,9 @@ from megatron.core import parallel_state
 
 import kernels
 from model.layers import activation, mark_tp_grad_sync, norm, tp_grad_sync
+from quant.config import QATConfig
 
-LINEAR_NAMES = ("qkv", "proj", "fc1", "fc2", "output")
-INITS = ("constant", "minmax", "mse")
 MSE_INIT_STDS = tuple(1.0 + 0.5 * i for i in range(15))     # the k of init=mse's mean +- k std candidates
-
-
-@dataclass
-class QATConfig:
-    """The `qat:` section: fake-quantize linear inputs with learned clips during pretraining.
-
-    ``init: mse`` takes, of the first quantized batch's mean +- k std (k = 1 .. 8, inside its
-    min/max), the clips with the least squared quantization error, per layer; ``minmax`` its
-    min/max. Per-layer clips are what brings QAT's W4A4 perplexity to the baseline's
-    (docs/benchmarks.md), as does a start after warmup."""
-    enabled: bool = False
-    bits: int = 4                    # activation bits (2..8)
-    init: str = "mse"                # clips from the first quantized batch: mse | minmax | constant (+-init_value)
-    init_value: float = 2.0          # init=constant: clips at +-init_value (2 beat the paper's 4)
-    start_step: int = 0              # quantization is off before this step (GPU configs: 2 x warmup)
-    layers: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])  # of: qkv proj fc1 fc2 output (LM head)
-
-    def validate(self) -> None:
-        if not 2 <= self.bits <= 8:
-            raise ValueError(f"qat.bits must be in 2..8, got {self.bits}")
-        if self.init not in INITS:
-            raise ValueError(f"qat.init must be one of {', '.join(INITS)}, got {self.init!r}")
-        if self.init == "constant" and self.init_value <= 0:
-            raise ValueError(f"qat.init_value must be > 0, got {self.init_value}")
-        bad = sorted(set(self.layers) - set(LINEAR_NAMES))
-        if bad:
-            raise ValueError(f"qat.layers: unknown linear {bad[0]!r}; choose from {', '.join(LINEAR_NAMES)}")
 
 
 _checkpoint_depth = 0

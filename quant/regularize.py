@@ -10,34 +10,14 @@ y and the incoming gradient and writes their sum (``kernels.kurtosis.token_kurto
 trainer sets the gradient scale the engine applies to the main loss (loss scale / gradient
 accumulation steps) with :func:`set_grad_scale`; it is read in backward.
 """
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-import kernels
 from kernels.kurtosis import token_kurtosis_grad, token_kurtosis_stats
+from quant.config import KurtosisConfig
 
 RESIDUAL_WRITERS = ("proj", "fc2")
-
-
-@dataclass
-class KurtosisConfig:
-    """The `kurtosis:` section: penalize the per-token kurtosis of linear-layer outputs."""
-    enabled: bool = False
-    lambda_: float = 1e-3            # strength (YAML/CLI key: `lambda`); default measured in docs/benchmarks.md
-    reduce: str = "mean"             # over tokens: mean | sum (sum makes lambda scale with the micro-batch)
-    sites: str = "residual"          # residual: attention out-projection and MLP fc2 | all: every block linear
-    eps: float = kernels.KURTOSIS_EPS  # kappa = m4 / (m2^2 + eps)
-
-    def validate(self) -> None:
-        if self.reduce not in ("mean", "sum"):
-            raise ValueError(f"kurtosis.reduce must be 'mean' or 'sum', got {self.reduce!r}")
-        if self.sites not in ("residual", "all"):
-            raise ValueError(f"kurtosis.sites must be 'residual' or 'all', got {self.sites!r}")
-        if self.lambda_ < 0:
-            raise ValueError(f"kurtosis.lambda must be >= 0, got {self.lambda_}")
 
 
 _grad_scale = 1.0

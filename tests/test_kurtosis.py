@@ -219,6 +219,13 @@ def _penalty(reduce, lam=0.3):
                            split_channels=False, split_tokens=False)
 
 
+def test_config_eps_is_the_kernels_default():
+    """quant.config loads without torch, so it states the value instead of importing it."""
+    from quant.config import KurtosisConfig
+
+    assert KurtosisConfig().eps == KURTOSIS_EPS
+
+
 @pytest.mark.parametrize("dtype,mean", KURTOSIS_CASES)
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
 def test_penalty_adds_its_gradient_to_the_incoming_one(reduce, dtype, mean, monkeypatch):

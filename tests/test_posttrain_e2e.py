@@ -46,7 +46,7 @@ def runs(tmp_path_factory):
 
 def requantize(run_dir, nsamples, seed):
     """The same GPTQ in-process, to compare with what the command line saved."""
-    from data_prep import load_tokenizer
+    from data_prep.tokenizer import load_tokenizer
     from pretrain.parallel import ParallelConfig, init_distributed
     from quant.corpora import calibration_windows
     from quant.gptq import QuantSpec, quantize_model

@@ -48,8 +48,11 @@ def test_runs_points_lengths_and_schedule(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("changes, message", [
     ({"arms": [{"name": "baseline", "overrides": {"qat.enabeld": False}}]},
-     r"arm baseline: unknown config key qat.'enabeld'; known keys of qat: bits, enabled"),
-    ({"arms": [{"name": "baseline", "overide": {}}]}, r"unknown config key arms\[0\].'overide'"),
+     r"^arm baseline: unknown config key qat.'enabeld' \(did you mean qat.enabled\?\); known keys of qat: bits, "
+     r"enabled, init, init_value, layers, start_step$"),
+    ({"arms": [{"name": "baseline", "overide": {}}]},
+     r"^unknown config key arms\[0\].'overide' \(did you mean arms\[0\].overrides\?\); known keys of arms\[0\]: "
+     r"lengths, name, overrides, seeds$"),
     ({"arms": [{"overrides": {}}]}, r"arms\[0\]: missing required key 'name'"),
     ({"base": "configs/nope.yaml"}, r"base config 'configs/nope.yaml' not found"),
     ({"baseline": "nope"}, r"baseline arm 'nope' is not among the arms \(baseline, qat-kurt\)"),
