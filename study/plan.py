@@ -65,6 +65,7 @@ class Arm:
     overrides: dict = field(default_factory=dict)    # nested sections or dotted keys: {qat.enabled: false}
     seeds: list[int] | None = None   # default: the plan's seeds
     lengths: list[int] | None = None  # default: the plan's lengths
+    fractions: list[float] | None = None  # default: the plan's fractions (e.g. [1.0]: the end only)
 
 
 @dataclass
@@ -97,7 +98,7 @@ class Plan:
             steps = self.main_steps(arm)
             lengths = arm.lengths if arm.lengths is not None else self.lengths
             for seed in (arm.seeds if arm.seeds is not None else self.seeds):
-                out.append(Run(f"{arm.name}-seed{seed}", arm.name, seed, steps, self.points(steps)))
+                out.append(Run(f"{arm.name}-seed{seed}", arm.name, seed, steps, self.points(steps, arm)))
                 for length in sorted(set(lengths) - {steps}):
                     out.append(Run(f"{arm.name}-seed{seed}-steps{length}", arm.name, seed, length, (length,)))
         return out
@@ -109,8 +110,9 @@ class Plan:
         except ConfigError as e:
             raise ConfigError(f"arm {arm.name}: {e}") from None
 
-    def points(self, steps: int) -> tuple[int, ...]:
-        return tuple(sorted({max(1, round(f * steps)) for f in self.fractions} | {steps}))
+    def points(self, steps: int, arm: Arm) -> tuple[int, ...]:
+        fractions = arm.fractions if arm.fractions is not None else self.fractions
+        return tuple(sorted({max(1, round(f * steps)) for f in fractions} | {steps}))
 
     def specs_for(self, run: "Run", step: int) -> list[PostTrain]:
         return [s for s in self.posttrain if (not s.arms or run.arm in s.arms)
@@ -181,6 +183,8 @@ def _check(plan: Plan) -> None:
     if not plan.fractions or any(not 0 < f <= 1 for f in plan.fractions):
         raise ConfigError(f"fractions must lie in (0, 1], got {plan.fractions}")
     for arm in plan.arms:
+        if arm.fractions is not None and (not arm.fractions or any(not 0 < f <= 1 for f in arm.fractions)):
+            raise ConfigError(f"arm {arm.name}: fractions must lie in (0, 1], got {arm.fractions}")
         for length in (arm.lengths if arm.lengths is not None else plan.lengths):
             if length < 1:
                 raise ConfigError(f"arm {arm.name}: run lengths must be >= 1 step, got {length}")

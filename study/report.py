@@ -187,10 +187,11 @@ def extra_spec_table(summary: dict, spec: str) -> str:
         qat = any(r["qat"] for r in runs)
         row += [fmt(stat([_value(p, spec, c, m) for p in finals])) + (" †" if qat and c.endswith("A16") else "")
                 for m in PPL for c in configs]
-        row += [fmt(stat([headline(summary, r, steps, spec, m, c) for r in runs]), pct=True)
+        row += ["†" if qat and c.endswith("A16") else fmt(stat([headline(summary, r, steps, spec, m, c) for r in runs]),
+                                                          pct=True)
                 for m in PPL for c in configs if c != "W16A16"]
         rows.append(row)
-    return _table(header, rows)
+    return _table(header, rows) if rows else "No final point has this spec yet."
 
 
 def runs_table(summary: dict, spec: str) -> str:
@@ -258,9 +259,12 @@ def plot(summary: dict, merged: dict, out: str) -> list[str]:
             longest = max(by_len)
             pts = [(p["tokens"], p["step"]) for p in by_len[longest][0]["points"]]
             ys = [stat([headline(summary, r, s, spec, m) for r in by_len[longest]]) for _, s in pts]
-            xy = [(t / 1e6, y[0]) for (t, _), y in zip(pts, ys) if y is not None]
+            xy = [(t / 1e6, y[0], y[1] or 0.0) for (t, _), y in zip(pts, ys) if y is not None]
+            seeds = len(by_len[longest])
             if xy:
-                ax.plot(*zip(*xy), "o-", color=color, label=f"{arm} (one run)")
+                x, y, err = zip(*xy)
+                ax.errorbar(x, y, yerr=err if seeds > 1 else None, fmt="o-", color=color, capsize=3,
+                            label=f"{arm} (points of one run" + (f", mean ± sd of {seeds} seeds)" if seeds > 1 else ")"))
             sep = []
             for steps, runs in sorted(by_len.items()):
                 y = stat([headline(summary, r, steps, spec, m) for r in runs])

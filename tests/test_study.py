@@ -37,6 +37,10 @@ def test_runs_points_lengths_and_schedule(tmp_path, monkeypatch):
                           "qat-kurt-seed1234", "qat-kurt-seed1234-steps4", "qat-kurt-seed1234-steps6"]
     assert runs["baseline-seed1234"].points == (2, 4, 8)            # the fractions and always the end
     assert runs["qat-kurt-seed1234-steps6"].points == (6,)
+    raw = yaml.safe_load(open(TINY))
+    raw["arms"][1]["fractions"] = [1.0]                             # an arm evaluated at its end only
+    only_end = {r.id: r for r in load_plan(plan_file(tmp_path, arms=raw["arms"], fractions=[0.25, 0.5])).runs()}
+    assert only_end["qat-kurt-seed1234"].points == (8,) and only_end["baseline-seed1234"].points == (2, 4, 8)
     cfg = plan.run_config(runs["qat-kurt-seed1234-steps4"], "out/x", "out/data")
     assert (cfg.train.steps, cfg.optim.warmup_steps, cfg.qat.start_step) == (4, 1, 2)
     assert cfg.qat.enabled and cfg.kurtosis.enabled and cfg.model.num_layers == 2
@@ -52,11 +56,12 @@ def test_runs_points_lengths_and_schedule(tmp_path, monkeypatch):
      r"enabled, init, init_value, layers, start_step$"),
     ({"arms": [{"name": "baseline", "overide": {}}]},
      r"^unknown config key arms\[0\].'overide' \(did you mean arms\[0\].overrides\?\); known keys of arms\[0\]: "
-     r"lengths, name, overrides, seeds$"),
+     r"fractions, lengths, name, overrides, seeds$"),
     ({"arms": [{"overrides": {}}]}, r"arms\[0\]: missing required key 'name'"),
     ({"base": "configs/nope.yaml"}, r"base config 'configs/nope.yaml' not found"),
     ({"baseline": "nope"}, r"baseline arm 'nope' is not among the arms \(baseline, qat-kurt\)"),
     ({"fractions": [0.5, 1.5]}, r"fractions must lie in \(0, 1\]"),
+    ({"arms": [{"name": "baseline", "fractions": [0]}]}, r"^arm baseline: fractions must lie in \(0, 1\], got \[0\.0\]$"),
     ({"posttrain": [{"name": "w", "configs": ["W5A4"]}]}, r"posttrain w: 'W5A4' is not a configuration name"),
     ({"posttrain": [{"name": "w", "method": "magic"}]}, r"posttrain w: method must be one of"),
     ({"posttrain": [{"name": "w", "arms": ["qat"]}]}, r"posttrain w: unknown arm 'qat'"),
