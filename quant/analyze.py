@@ -14,6 +14,7 @@ linear's output (what the kurtosis regularizer penalizes at the residual writers
 of the norm gains and the spectral norm of each weight (power iteration). Writes analysis.json
 and one PNG per metric, each with one line per checkpoint.
 """
+import quiet  # noqa: F401  (first: silences known library noise before any library loads)
 import argparse
 import json
 import logging

@@ -10,6 +10,7 @@ dropped, exp of the mean over windows of each window's mean next-token loss. Wei
 activations are quantized by quant.convert; one table with each score's change relative to
 W16A16 in percent is printed and saved as JSON.
 """
+import quiet  # noqa: F401  (first: silences known library noise before any library loads)
 import argparse
 import json
 import logging

@@ -17,6 +17,7 @@ Output: ``<output>/model.safetensors`` (quant.packing; its manifest records the 
 clips as extra tensors ``clip.<linear>``, and under ``info`` the source checkpoint, its config and
 the calibration) and the same manifest as ``<output>/manifest.json`` for reading.
 """
+import quiet  # noqa: F401  (first: silences known library noise before any library loads)
 import argparse
 import json
 import logging

@@ -9,6 +9,7 @@ The headline of every arm is its W4A4 perplexity against the **baseline arm's W1
 same point (same seed where the baseline has it, else the baseline's mean over seeds). A QAT
 model's W16A16 is its quantizers switched off, which nobody deploys: it is marked, never a headline.
 """
+import quiet  # noqa: F401  (first: silences known library noise before any library loads)
 import argparse
 import json
 import os
