@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 
 import torch
@@ -206,4 +207,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from quant.load import run_cli
+    sys.exit(run_cli(main))

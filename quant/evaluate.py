@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import re
+import sys
 import time
 
 import torch
@@ -118,6 +119,18 @@ def selected_configs(args) -> dict[str, tuple[int, int]]:
     return {n: parse_config(n) for n in (["W16A16"] if "W16A16" not in names else []) + names}
 
 
+def check_source(manifest: dict, ckpt, quantized: str) -> None:
+    """Refuses quantized weights made from another model than the checkpoint (a CheckpointError
+    naming the differing model fields)."""
+    from pretrain.checkpoint import CheckpointError
+
+    source, mine = manifest.get("info", {}).get("config", {}).get("model"), ckpt.meta["config"]["model"]
+    if source is not None and source != mine:
+        diff = "; ".join(f"model.{k}: {source.get(k)} there, {mine.get(k)} here"
+                         for k in sorted(set(source) | set(mine)) if source.get(k) != mine.get(k))
+        raise CheckpointError(f"{quantized} was quantized from another model than {ckpt.path} ({diff})")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -128,16 +141,14 @@ def main(argv=None) -> dict:
     from quant.corpora import perplexity_sets
     from quant.load import build_model, load_checkpoint
 
-    init_distributed(ParallelConfig())
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = ckpt.config
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    ckpt = load_checkpoint(args.checkpoint)      # both refused before any work
     quantized, manifest = {}, None
     if args.quantized:
         quantized, _, manifest = gptq.load(args.quantized)
-        source = manifest.get("info", {}).get("config", {}).get("model")
-        if source is not None and source != ckpt.meta["config"]["model"]:
-            raise ValueError(f"{args.quantized} was made from a different model than {ckpt.path}")
+        check_source(manifest, ckpt, args.quantized)
+    init_distributed(ParallelConfig())
+    cfg = ckpt.config
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     sets = {name: w[:args.ppl_windows] for name, w in perplexity_sets(tokenizer, cfg.model.seq_length).items()}
     scores, described = {}, {}
@@ -168,4 +179,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from quant.load import run_cli
+    sys.exit(run_cli(main))
