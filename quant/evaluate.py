@@ -22,6 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from quant.convert import QUANTIZERS_OFF
+
 log = logging.getLogger("quant")
 CONFIGS = {"W16A16": (16, 16), "W8A8": (8, 8), "W4A16": (4, 16), "W4A4": (4, 4)}   # the default table
 CONFIG_NAME = re.compile(r"^W(16|8|4|3|2)A(16|8|4|3|2)$")                          # any of quant.convert.BITS
@@ -70,18 +72,22 @@ def degradation_table(scores: dict[str, dict[str, float]], baseline: str = "W16A
     return table
 
 
-def format_table(table: dict) -> str:
+def format_table(table: dict, marked=()) -> str:
+    """The table as text; the ``marked`` configurations (a QAT model's A16 ones) get a † and a footnote."""
     metrics = list(next(iter(table.values())))
     rows = [["config"] + metrics]
     for cfg, cells in table.items():
-        row = [cfg]
+        row = [cfg + (" †" if cfg in marked else "")]
         for m in metrics:
             c = cells[m]
             pct = "" if c["change_pct"] is None or cfg == "W16A16" else f" ({c['change_pct']:+.1f}%)"
             row.append(f"{c['value']:.4g}{pct}")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    if any(cfg in marked for cfg in table):
+        lines.append(f"† {QUANTIZERS_OFF}: a QAT model runs with its learned clips (W16A4 is the model as trained)")
+    return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -167,7 +173,7 @@ def main(argv=None) -> dict:
         log.info(f"{name} done in {time.perf_counter() - t0:.0f} s: "
                  + ", ".join(f"{k} {v:.4g}" for k, v in scores[name].items()))
     table = degradation_table(scores)
-    print(format_table(table), flush=True)
+    print(format_table(table, [name for name, d in described.items() if d["acts"] == QUANTIZERS_OFF]), flush=True)
     report = {"checkpoint": ckpt.path, "quantized": args.quantized,
               "quantized_method": manifest and manifest["method"], "tasks": args.tasks, "limit": args.limit,
               "ppl_windows": {k: len(w) for k, w in sets.items()}, "configs": described, "table": table}

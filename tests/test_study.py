@@ -169,7 +169,7 @@ def test_merged_report_holds_both_arms_with_the_eval_json_numbers(studies, tmp_p
     qat = eval_values(studies["qat-kurt"], "qat-kurt-seed1234")[8]["gptq-w4g32"]["W4A4"]["wikitext2_ppl"]
     row = next(line for line in md.splitlines() if line.startswith("| qat-kurt (QAT) |"))
     assert f"**{100 * (qat / base - 1):+.1f} %**" in row
-    assert "† activations unquantized" in md and " †" in row
+    assert "† quantizers off, not a deployment configuration: a QAT model's A16 configurations" in md and " †" in row
 
 
 def test_merge_unions_points_and_refuses_other_configs(tmp_path):
