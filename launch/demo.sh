@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # Install the pinned requirements only where they are missing (keeps a GPU machine's own CUDA torch).
-python -c "import deepspeed, megatron.core, sentencepiece, triton, lm_eval, safetensors, tensorboard" 2>/dev/null \
+python -c "import deepspeed, megatron.core, sentencepiece, triton, lm_eval, safetensors, tensorboard" >/dev/null 2>&1 \
     || python -m pip install -q -r requirements.txt
 DIR=${DEMO_DIR:-runs/demo}
 DEMO="data/demo/wikipedia.jsonl.xz data/demo/gutenberg.jsonl.xz"
