@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import quiet  # noqa: E402,F401  (first: silences known library noise before any library loads)
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 

@@ -12,6 +12,7 @@ encoding, writing .bin/.idx). Rates are in UTF-8 text bytes and tokens per secon
 the best of ``--repeats`` runs, since the machine may be shared. Without ``--tokenizer`` a BPE
 model of 8,000 pieces is trained on the demo corpus.
 """
+import quiet  # noqa: F401  (first: silences known library noise before any library loads)
 import argparse
 import glob
 import itertools

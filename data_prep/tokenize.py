@@ -14,6 +14,7 @@ The output does not depend on N. Everything is written under ``*.partial-<pid>``
 into place only when complete, the sidecar last, so an interrupted run never leaves a dataset that
 looks whole.
 """
+import quiet  # noqa: F401  (first: silences known library noise before any library loads)
 import argparse
 import collections
 import json

@@ -11,6 +11,7 @@ of at most ``--max-sentences`` of them is kept (reservoir sampling while streami
 ``--seed``), so a huge corpus does not exhaust memory. SentencePiece's own sampling is not used: it
 ignores the seed, so the same corpus would give different models.
 """
+import quiet  # noqa: F401  (first: silences known library noise before any library loads)
 import argparse
 import io
 import json

@@ -66,7 +66,8 @@ _CHUNK = 16 << 20
 
 
 class CheckpointError(ConfigError):
-    """A checkpoint that cannot be used: corrupt, truncated, or holding more than tensors."""
+    """A checkpoint that cannot be used: missing, incomplete, corrupt, truncated, or holding more than
+    tensors. Every command line says ``checkpoint error: ...`` and exits 2 (quant.load.run_cli)."""
 
 
 def load_file(path: str, map_location="cpu"):
@@ -362,9 +363,9 @@ def _verified(cfg: Config) -> str | None:
     if choice != "auto":
         path = choice.rstrip("/")
         if not os.path.isdir(path):
-            raise ConfigError(f"checkpoint {path} does not exist")
+            raise CheckpointError(f"checkpoint {path} does not exist")
         if not is_complete(path):
-            raise ConfigError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): refusing to load it")
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): refusing to load it")
         problems = verify(path)
         if problems:
             raise CheckpointError(f"checkpoint {path} does not verify: {'; '.join(problems)}")

@@ -71,8 +71,9 @@ class MetricsLogger:
             self.jsonl.write(json.dumps({"step": step, "valid/loss": loss}) + "\n")
             self.jsonl.flush()
 
-    def interval(self, step: int, values: dict) -> None:
-        """Log the metrics of the steps since the last call, with rates and ETA."""
+    def interval(self, step: int, values: dict, layers: dict) -> None:
+        """Log the metrics of the steps since the last call, with rates and ETA; the per-layer ones
+        (Trainer.interval_metrics) go to TensorBoard and, under ``layers``, to metrics.jsonl."""
         now = time.perf_counter()
         steps = max(1, step - self._step0)
         dt = (now - self._t0) / steps
@@ -83,9 +84,9 @@ class MetricsLogger:
             rates["perf/tflops_per_gpu"] = tflops
             if self.peak:
                 rates["perf/mfu"] = tflops / self.peak
-        self.scalars(step, {**values, **rates})
+        self.scalars(step, {**values, **rates, **layers})
         if self.jsonl:   # exact values (repr of the floats), one line per interval, for tools and tests
-            self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self.jsonl.write(json.dumps({"step": step, **values, "layers": layers}) + "\n")
             self.jsonl.flush()
         eta = dt * (self.total_steps - step)
         parts = [f"step {step}/{self.total_steps}"]

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from pretrain.config import ParallelConfig, world_size_from_env
+from quiet import without_known_prints
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,9 @@ def init_distributed(cfg: ParallelConfig) -> ParallelDims:
     else:
         _megatron_on_cpu()
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                                   verbose=False)
+        with without_known_prints():   # DeepSpeed prints that it built its shared-memory comm op
+            deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                       verbose=False)
     if dist.get_world_size() != dims.world:
         raise RuntimeError(f"WORLD_SIZE={dims.world} but the process group has {dist.get_world_size()} ranks")
     if not parallel_state.model_parallel_is_initialized():

@@ -104,10 +104,9 @@ def train(cfg: Config, dims: ParallelDims) -> Trainer:
         trainer.record_layer_stats(stats_step)
         trainer.train_step(batches)
         if stats_step:
-            values, stats = trainer.interval_metrics()
+            values, layers = trainer.interval_metrics()
             if logger:
-                logger.interval(trainer.step, values)
-                logger.scalars(trainer.step, stats)
+                logger.interval(trainer.step, values, layers)
         if t.eval_interval and trainer.step % t.eval_interval == 0 and trainer.step < t.steps:
             loss = validation_loss()
             if logger and loss is not None:

@@ -6,6 +6,7 @@ checkpoint and exit 0, so a requeued job resumes with ``--resume auto`` (the def
 Exit codes: 0 done or stopped cleanly, 2 configuration / data / checkpoint problem (refused), 1 anything else
 (including train.max_nonfinite_steps non-finite losses in a row).
 """
+import quiet  # noqa: F401  (first: silences known library noise before any library loads)
 import argparse
 import logging
 import sys

@@ -9,6 +9,8 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.utils import safe_set_full_fp32_param
 from megatron.core import parallel_state
 
+from model.gpt import linears
+from model.pipeline import to_gpt_name
 from pretrain.config import Config
 from pretrain.engine import loss_scale, set_lr
 from quant.qat import set_qat_step
@@ -19,6 +21,17 @@ log = logging.getLogger("pretrain")
 
 class NonFiniteLossError(RuntimeError):
     """Too many steps in a row had a non-finite loss."""
+
+
+def layer_names(model: torch.nn.Module, num_layers: int, pipeline: bool) -> dict:
+    """{QAT quantizer or kurtosis penalty: the plain GPT's name of its linear} (``blocks.3.mlp.fc1``,
+    whatever the layout: a pipeline stage names its layers by index), for metrics a reader can place."""
+    names = {}
+    for name, linear in linears(model):
+        for m in (linear.input_quant, linear.output_stat):
+            if m is not None:
+                names[m] = to_gpt_name(name, num_layers) if pipeline else name
+    return names
 
 
 def dp_mean(values: torch.Tensor) -> torch.Tensor:
@@ -35,6 +48,7 @@ class Trainer:
         self.logger = logger
         self.gas = engine.gradient_accumulation_steps()
         self.pipeline = isinstance(engine, PipelineEngine)
+        self.names = layer_names(engine.module, cfg.model.num_layers, self.pipeline)
         self.step = 0                     # optimizer steps done
         self.consumed_samples = 0         # global samples consumed (the data position to resume from)
         self.skipped_steps = 0            # steps skipped for a non-finite loss, in the whole run
@@ -122,10 +136,10 @@ class Trainer:
     def _inverted_clips(self) -> str:
         """Names the QAT quantizers whose clips crossed (c_lo >= c_hi), which make their layer's
         output NaN (the kernels do not check per call: that would synchronize every layer)."""
-        bad = [i for i, q in enumerate(self.quantizers) if not q.clip[0] < q.clip[1]]
+        bad = [self.names[q] for q in self.quantizers if not q.clip[0] < q.clip[1]]
         if not bad:
             return ""
-        return (f"; QAT quantizers {bad} (in forward order) have inverted clips c_lo >= c_hi: "
+        return (f"; the QAT quantizers of {', '.join(bad)} have inverted clips c_lo >= c_hi: "
                 f"lower optim.lr or qat.init_value")
 
     @torch.no_grad()
@@ -145,7 +159,8 @@ class Trainer:
 
     def interval_metrics(self) -> tuple[dict, dict]:
         """(metrics since the last call for the log line, per-layer QAT clips / clipped fraction /
-        output kurtosis for TensorBoard). Collective over DP/TP: every rank calls."""
+        output kurtosis under the layers' names: ``qat/blocks.3.mlp.fc1/c_lo``, ``kurtosis/blocks.3.mlp.fc2``;
+        under pipeline parallelism this stage's layers). Collective over DP/TP: every rank calls."""
         loss = dp_mean(self._loss_sum.to(self.engine.device).float() / max(1, self._loss_count)).item()
         values = {"train/loss": loss} if self._loss_count else {}   # no loss for an interval of skipped steps
         self._loss_sum.zero_()
@@ -157,14 +172,15 @@ class Trainer:
         if self.cfg.train.fp16:
             values["train/loss_scale"] = loss_scale(self.engine)
         layers = {}
-        for i, q in enumerate(self.quantizers):
-            layers[f"qat/{i:03d}/c_lo"], layers[f"qat/{i:03d}/c_hi"] = q.clip.detach().float().tolist()
+        for q in self.quantizers:
+            name = self.names[q]
+            layers[f"qat/{name}/c_lo"], layers[f"qat/{name}/c_hi"] = q.clip.detach().float().tolist()
             if q.clip_fraction is not None:
-                layers[f"qat/{i:03d}/clipped"] = float(q.clip_fraction)
+                layers[f"qat/{name}/clipped"] = float(q.clip_fraction)
         means = [(p, p.last_mean()) for p in self.penalties]   # one TP all-reduce per site at most
         means = [(p, m) for p, m in means if m is not None]
-        for i, (_, m) in enumerate(means):
-            layers[f"kurtosis/{i:03d}"] = float(m)
+        for p, m in means:
+            layers[f"kurtosis/{self.names[p]}"] = float(m)
         if means:
             values["kurtosis/penalty"] = float(sum(p.penalty(m) for p, m in means))
             values["kurtosis/mean"] = float(torch.stack([m for _, m in means]).mean())

@@ -14,10 +14,12 @@ linear's output (what the kurtosis regularizer penalizes at the residual writers
 of the norm gains and the spectral norm of each weight (power iteration). Writes analysis.json
 and one PNG per metric, each with one line per checkpoint.
 """
+import quiet  # noqa: F401  (first: silences known library noise before any library loads)
 import argparse
 import json
 import logging
 import os
+import sys
 import time
 
 import torch
@@ -205,4 +207,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from quant.load import run_cli
+    sys.exit(run_cli(main))

@@ -30,6 +30,8 @@ from quant.rtn import QuantizedWeight, rtn_quantize
 
 BLOCK_LINEAR_SUFFIXES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 BITS = (16, 8, 4, 3, 2)
+# What a QAT model's A16 configurations are, in every table and file that shows them.
+QUANTIZERS_OFF = "quantizers off, not a deployment configuration"
 
 
 class ActQuant(torch.nn.Module):
@@ -81,7 +83,8 @@ def act_quantizer(bits: int, clip: Optional[torch.Tensor]) -> Optional[ActQuant]
 def convert(model, weights: int, acts: int, quantized: Optional[dict[str, QuantizedWeight]] = None) -> dict[str, str]:
     """Make ``model`` (TP=1, QAT quantizers as loaded) compute with ``weights``-bit weights and
     ``acts``-bit activations, in place. ``quantized``: codes by linear name (from quant.gptq).
-    Returns {"weights": source, "acts": quantizer kind} describing what was done."""
+    Returns {"weights": source, "acts": quantizer kind} describing what was done (a QAT model's
+    16-bit activations: QUANTIZERS_OFF)."""
     for bits, what in ((weights, "weights"), (acts, "acts")):
         if bits not in BITS:
             raise ValueError(f"{what} bits must be one of {BITS}, got {bits}")
@@ -111,5 +114,6 @@ def convert(model, weights: int, acts: int, quantized: Optional[dict[str, Quanti
             weight.copy_(rtn_quantize(weight, weights).dequantize(weight.dtype))
             src = f"rtn {weights}-bit per channel"
         weight_src.add(src)
-        act_kinds.add(linear.input_quant.kind if linear.input_quant is not None else "16-bit")
+        act_kinds.add(linear.input_quant.kind if linear.input_quant is not None
+                      else QUANTIZERS_OFF if qat is not None else "16-bit")
     return {"weights": ", ".join(sorted(weight_src)), "acts": ", ".join(sorted(act_kinds))}

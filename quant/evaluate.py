@@ -10,15 +10,19 @@ dropped, exp of the mean over windows of each window's mean next-token loss. Wei
 activations are quantized by quant.convert; one table with each score's change relative to
 W16A16 in percent is printed and saved as JSON.
 """
+import quiet  # noqa: F401  (first: silences known library noise before any library loads)
 import argparse
 import json
 import logging
 import math
 import re
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from quant.convert import QUANTIZERS_OFF
 
 log = logging.getLogger("quant")
 CONFIGS = {"W16A16": (16, 16), "W8A8": (8, 8), "W4A16": (4, 16), "W4A4": (4, 4)}   # the default table
@@ -68,18 +72,22 @@ def degradation_table(scores: dict[str, dict[str, float]], baseline: str = "W16A
     return table
 
 
-def format_table(table: dict) -> str:
+def format_table(table: dict, marked=()) -> str:
+    """The table as text; the ``marked`` configurations (a QAT model's A16 ones) get a † and a footnote."""
     metrics = list(next(iter(table.values())))
     rows = [["config"] + metrics]
     for cfg, cells in table.items():
-        row = [cfg]
+        row = [cfg + (" †" if cfg in marked else "")]
         for m in metrics:
             c = cells[m]
             pct = "" if c["change_pct"] is None or cfg == "W16A16" else f" ({c['change_pct']:+.1f}%)"
             row.append(f"{c['value']:.4g}{pct}")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) for r in rows)
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    if any(cfg in marked for cfg in table):
+        lines.append(f"† {QUANTIZERS_OFF}: a QAT model runs with its learned clips (W16A4 is the model as trained)")
+    return "\n".join(lines)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,6 +125,18 @@ def selected_configs(args) -> dict[str, tuple[int, int]]:
     return {n: parse_config(n) for n in (["W16A16"] if "W16A16" not in names else []) + names}
 
 
+def check_source(manifest: dict, ckpt, quantized: str) -> None:
+    """Refuses quantized weights made from another model than the checkpoint (a CheckpointError
+    naming the differing model fields)."""
+    from pretrain.checkpoint import CheckpointError
+
+    source, mine = manifest.get("info", {}).get("config", {}).get("model"), ckpt.meta["config"]["model"]
+    if source is not None and source != mine:
+        diff = "; ".join(f"model.{k}: {source.get(k)} there, {mine.get(k)} here"
+                         for k in sorted(set(source) | set(mine)) if source.get(k) != mine.get(k))
+        raise CheckpointError(f"{quantized} was quantized from another model than {ckpt.path} ({diff})")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -127,16 +147,14 @@ def main(argv=None) -> dict:
     from quant.corpora import perplexity_sets
     from quant.load import build_model, load_checkpoint
 
-    init_distributed(ParallelConfig())
-    ckpt = load_checkpoint(args.checkpoint)
-    cfg = ckpt.config
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    ckpt = load_checkpoint(args.checkpoint)      # both refused before any work
     quantized, manifest = {}, None
     if args.quantized:
         quantized, _, manifest = gptq.load(args.quantized)
-        source = manifest.get("info", {}).get("config", {}).get("model")
-        if source is not None and source != ckpt.meta["config"]["model"]:
-            raise ValueError(f"{args.quantized} was made from a different model than {ckpt.path}")
+        check_source(manifest, ckpt, args.quantized)
+    init_distributed(ParallelConfig())
+    cfg = ckpt.config
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     sets = {name: w[:args.ppl_windows] for name, w in perplexity_sets(tokenizer, cfg.model.seq_length).items()}
     scores, described = {}, {}
@@ -155,7 +173,7 @@ def main(argv=None) -> dict:
         log.info(f"{name} done in {time.perf_counter() - t0:.0f} s: "
                  + ", ".join(f"{k} {v:.4g}" for k, v in scores[name].items()))
     table = degradation_table(scores)
-    print(format_table(table), flush=True)
+    print(format_table(table, [name for name, d in described.items() if d["acts"] == QUANTIZERS_OFF]), flush=True)
     report = {"checkpoint": ckpt.path, "quantized": args.quantized,
               "quantized_method": manifest and manifest["method"], "tasks": args.tasks, "limit": args.limit,
               "ppl_windows": {k: len(w) for k, w in sets.items()}, "configs": described, "table": table}
@@ -167,4 +185,5 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from quant.load import run_cli
+    sys.exit(run_cli(main))

@@ -17,10 +17,12 @@ Output: ``<output>/model.safetensors`` (quant.packing; its manifest records the 
 clips as extra tensors ``clip.<linear>``, and under ``info`` the source checkpoint, its config and
 the calibration) and the same manifest as ``<output>/manifest.json`` for reading.
 """
+import quiet  # noqa: F401  (first: silences known library noise before any library loads)
 import argparse
 import json
 import logging
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -168,11 +170,19 @@ def save(output: str, results: dict, spec: QuantSpec, clips: dict, info: dict) -
 
 
 def load(output: str, device="cpu"):
-    """(layers, clips by linear name, manifest) of a directory written by ``save``."""
+    """(layers, clips by linear name, manifest) of a directory written by ``save``; a CheckpointError
+    when it has none or it is damaged."""
+    from safetensors import SafetensorError
+
+    from pretrain.checkpoint import CheckpointError
+
     path = os.path.join(output, QUANTIZED_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{output} holds no {QUANTIZED_FILE}; write it with python -m quant.gptq")
-    ckpt = load_quantized(path, device)
+        raise CheckpointError(f"{output} holds no {QUANTIZED_FILE}; write it with python -m quant.gptq")
+    try:
+        ckpt = load_quantized(path, device)
+    except (ValueError, SafetensorError) as e:   # a file that does not match its manifest; a broken file
+        raise CheckpointError(f"refusing to load {path}: {e}") from None
     clips = {k.removeprefix("clip."): t for k, t in ckpt.extra.items() if k.startswith("clip.")}
     return ckpt.layers, clips, ckpt.manifest
 
@@ -208,11 +218,11 @@ def main(argv=None) -> None:
     from quant.corpora import CALIB_DOCS, calibration_windows
     from quant.load import build_model, load_checkpoint
 
+    ckpt = load_checkpoint(args.checkpoint)      # refused before any work
     init_distributed(ParallelConfig())
     if dist.get_rank() != 0:
         log.setLevel(logging.WARNING)
     spec = QuantSpec(args.method, args.bits, args.group_size, args.sym, args.act_order, args.percdamp)
-    ckpt = load_checkpoint(args.checkpoint)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = build_model(ckpt, device)
     cfg = ckpt.config
@@ -238,4 +248,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from quant.load import run_cli
+    sys.exit(run_cli(main))

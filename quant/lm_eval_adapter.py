@@ -89,7 +89,7 @@ def run_tasks(lm: GPTLM, tasks, limit=None) -> dict[str, dict[str, float]]:
         raise FileNotFoundError("data/eval not found: run from the repository root (the task YAMLs "
                                 "name their files relative to it)")
     manager = TaskManager(include_path=TASK_DIR, include_defaults=False)
-    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, num_fewshot=0,
+    results = lm_eval.simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager,
                                       limit=limit, bootstrap_iters=0, log_samples=False)["results"]
     return {task: {key.split(",")[0]: value for key, value in results[task].items()
                    if "," in key and "stderr" not in key and isinstance(value, (int, float))}

@@ -1,5 +1,9 @@
 """Read a training checkpoint of any parallel layout as one full (TP=1) model, for post-training.
 
+Every problem with the checkpoint (a path that does not exist, no complete checkpoint under it,
+an incomplete, damaged or foreign one) is a CheckpointError; :func:`run_cli` turns it into the one
+line and exit status 2 of pretrain.train.
+
 The tensors are consolidated from the DeepSpeed files alone, using meta.json's ``tp_layout``
 (parameter name -> the dim it is split along over TP ranks, null when replicated): split
 parameters are concatenated along that dim in TP-rank order, everything else (replicated
@@ -11,12 +15,13 @@ file per pipeline layer II (0 embedding, 1..L blocks, L+1 head) and TP rank XX i
 (``model.pipeline.to_gpt_name``) and the TP merge is shared.
 """
 import os
+import sys
 from typing import NamedTuple
 
 import torch
 
 from pretrain.checkpoint import COMPLETE, META, CheckpointError, is_complete, latest_checkpoint, load_file, read_meta, verify
-from pretrain.config import Config, config_from_dict
+from pretrain.config import Config, ConfigError, config_from_dict
 
 
 class Checkpoint(NamedTuple):
@@ -31,10 +36,10 @@ def resolve_step_dir(path: str) -> str:
     under a run dir (``<run>/checkpoints``) or a checkpoints dir. Incomplete ones are refused."""
     path = path.rstrip("/")
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint path {path!r} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist")
     if os.path.isfile(os.path.join(path, META)) or os.path.basename(path).startswith("step"):
         if not is_complete(path):
-            raise ValueError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): refusing to use it")
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): refusing to load it")
         return path
     run_root = os.path.join(path, "checkpoints")
     for root in (run_root, path):
@@ -42,7 +47,7 @@ def resolve_step_dir(path: str) -> str:
             found = latest_checkpoint(root)
             if found is not None:
                 return found
-    raise FileNotFoundError(f"no complete checkpoint under {path!r} (looked in {run_root} and {path})")
+    raise CheckpointError(f"no complete checkpoint under {path} (looked in {run_root} and {path})")
 
 
 def _read_tp_ranks(step_dir: str, meta: dict) -> list[dict]:
@@ -51,8 +56,8 @@ def _read_tp_ranks(step_dir: str, meta: dict) -> list[dict]:
     for rank in range(meta["tensor_parallel"]):
         file = os.path.join(step_dir, f"mp_rank_{rank:02d}_model_states.pt")
         if not os.path.isfile(file):
-            raise FileNotFoundError(f"{step_dir}: missing {os.path.basename(file)} for TP rank {rank} "
-                                    f"of {meta['tensor_parallel']}")
+            raise CheckpointError(f"{step_dir}: missing {os.path.basename(file)} for TP rank {rank} "
+                                  f"of {meta['tensor_parallel']}")
         states.append(load_file(file)["module"])
     return states
 
@@ -67,8 +72,8 @@ def _read_pipeline_layers(step_dir: str, meta: dict) -> list[dict]:
         for rank, state in enumerate(states):
             file = os.path.join(step_dir, f"layer_{index:02d}-model_{rank:02d}-model_states.pt")
             if not os.path.isfile(file):
-                raise FileNotFoundError(f"{step_dir}: missing {os.path.basename(file)} (pipeline layer {index}, "
-                                        f"TP rank {rank})")
+                raise CheckpointError(f"{step_dir}: missing {os.path.basename(file)} (pipeline layer {index}, "
+                                      f"TP rank {rank})")
             for key, tensor in load_file(file).items():
                 state[to_gpt_name(f"{index}.{key}", layers)] = tensor
     return states
@@ -85,9 +90,8 @@ def _model_files(meta: dict) -> list[str]:
 
 def _tp_rank_states(step_dir: str, meta: dict) -> list[dict]:
     """Each TP rank's full-depth state dict, whatever the file layout, after checking the files
-    against the checkpoint's recorded digests."""
-    problems = verify(step_dir, [n for n in _model_files(meta) if os.path.isfile(os.path.join(step_dir, n))],
-                      distributed=False)
+    against the checkpoint's recorded sizes and digests."""
+    problems = verify(step_dir, _model_files(meta), distributed=False)
     if problems:
         raise CheckpointError(f"checkpoint {step_dir} does not verify: {'; '.join(problems)}")
     if meta.get("pipeline_parallel", 1) > 1:
@@ -107,23 +111,30 @@ def merge_tp(shards: list[dict], layout: dict) -> dict:
             continue
         missing = [r for r, s in enumerate(shards) if s.get(name) is None]
         if missing:
-            raise ValueError(f"parameter {name!r} is missing from TP rank(s) {missing}")
+            raise CheckpointError(f"parameter {name!r} is missing from TP rank(s) {missing}")
         full[name] = torch.cat([s[name] for s in shards], dim=dim)
     absent = sorted(n for n in layout if n not in full)
     if absent:
-        raise ValueError(f"parameters in tp_layout but not in the checkpoint: {absent[:5]}")
+        raise CheckpointError(f"parameters in tp_layout but not in the checkpoint: {absent[:5]}")
     return full
 
 
 def load_checkpoint(path: str) -> Checkpoint:
     """Resolve ``path`` (see resolve_step_dir) and consolidate its model state to TP=1."""
     step_dir = resolve_step_dir(path)
-    meta = read_meta(step_dir)
+    try:
+        meta = read_meta(step_dir)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {step_dir}: no readable {META} ({e})") from None
     for key in ("config", "tp_layout", "tensor_parallel"):
         if key not in meta:
-            raise ValueError(f"{step_dir}/{META} has no {key!r}; not a pretrain checkpoint")
+            raise CheckpointError(f"{step_dir}/{META} has no {key!r}; not a pretrain checkpoint")
+    try:
+        config = config_from_dict(meta["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {step_dir} holds a config this code refuses: {e}") from None
     state = merge_tp(_tp_rank_states(step_dir, meta), meta["tp_layout"])
-    return Checkpoint(step_dir, meta, config_from_dict(meta["config"]), state)
+    return Checkpoint(step_dir, meta, config, state)
 
 
 def build_model(ckpt: Checkpoint, device="cpu") -> torch.nn.Module:
@@ -142,3 +153,14 @@ def build_model(ckpt: Checkpoint, device="cpu") -> torch.nn.Module:
     model.load_state_dict(ckpt.state)
     return model.to(device).eval()
 
+
+def run_cli(main) -> int:
+    """The exit status of a post-training command line's ``main()``: 2 with one line on stderr for a
+    checkpoint it cannot use (``checkpoint error: ...``, as pretrain.train says it, also under
+    torchrun, where each rank says it and no rank prints a traceback), else 0."""
+    try:
+        main()
+    except CheckpointError as e:
+        sys.stderr.write(f"checkpoint error: {e}\n")   # one write: the ranks' lines do not interleave
+        return 2
+    return 0

@@ -15,17 +15,16 @@ others still ran), 2 a bad plan or argument (refused before any work).
     python -m study --plan P --out DIR --runs qat-kurt-seed2 baseline-seed2   # exactly these runs
     python -m study --plan P --out DIR --index $SLURM_ARRAY_TASK_ID   # one run (job arrays)
 """
+import quiet  # noqa: F401  (first: silences known library noise; stdout of --list is the ids alone)
 import argparse
-import contextlib
 import logging
 import sys
 
-with contextlib.redirect_stdout(sys.stderr):   # import-time library lines (DeepSpeed's accelerator
-    from pretrain.config import ConfigError     # notice) go to stderr: stdout of --list is the ids alone
-    from study import results
-    from study.plan import load_plan
-    from study.report import make_report
-    from study.runner import Runner
+from pretrain.config import ConfigError
+from study import results
+from study.plan import load_plan
+from study.report import make_report
+from study.runner import Runner
 
 log = logging.getLogger("study")
 

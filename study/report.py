@@ -7,8 +7,9 @@ files under ``OUT/arms``. Checkpoints are not needed.
 
 The headline of every arm is its W4A4 perplexity against the **baseline arm's W16A16** at the
 same point (same seed where the baseline has it, else the baseline's mean over seeds). A QAT
-model's W16A16 is its quantizers switched off, which nobody deploys: it is marked, never a headline.
+model's W16A16 is its quantizers switched off, which nobody deploys: it is marked †, never a headline.
 """
+import quiet  # noqa: F401  (first: silences known library noise before any library loads)
 import argparse
 import json
 import os
@@ -17,13 +18,14 @@ import sys
 import time
 
 from pretrain.config import ConfigError
+from quant.convert import QUANTIZERS_OFF
 from study import results
 
 PPL = ("wikitext2_ppl", "c4_ppl")
 CORPUS = {"wikitext2_ppl": "WikiText-2", "c4_ppl": "C4"}
-QAT_NOTE = ("† activations unquantized: a QAT model's A16 configurations (its quantizers switched off) are not "
-            "deployment configurations; it was trained on clamped 4-bit inputs and runs with its learned clips "
-            "(A8 and A4 use their range). Its 16-bit-weight reference is W16A4, the model as trained.")
+QAT_NOTE = (f"† {QUANTIZERS_OFF}: a QAT model's A16 configurations switch off the quantizers it was trained "
+            "with on clamped 4-bit inputs; it runs with its learned clips (A8 and A4 use their range). Its "
+            "16-bit-weight reference is W16A4, the model as trained.")
 
 
 # ---- the numbers ------------------------------------------------------------------------------

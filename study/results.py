@@ -66,7 +66,9 @@ def comparable(cfg: dict) -> dict:
 
 def read_curve(work: str) -> list[dict]:
     """metrics.jsonl of a run: the last record of each step and kind (training interval or
-    validation), in step order; a resumed run may have logged a step twice."""
+    validation), in step order; a resumed run may have logged a step twice. The per-layer values
+    (``layers``) stay in metrics.jsonl and TensorBoard: the report does not read them, and they
+    would outweigh everything else in the result file."""
     p = os.path.join(work, "metrics.jsonl")
     if not os.path.isfile(p):
         return []
@@ -75,6 +77,7 @@ def read_curve(work: str) -> list[dict]:
         for line in f:
             if line.strip():
                 r = json.loads(line)
+                r.pop("layers", None)
                 last[(r["step"], "valid/loss" in r)] = r
     return [last[k] for k in sorted(last)]
 

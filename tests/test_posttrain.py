@@ -252,3 +252,25 @@ def test_perplexity_and_converted_layers_match_hand_computation():
     assert got_ppl == pytest.approx(hand_ppl, rel=1e-5)
     for got, want in pairs:
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def activation_descriptions():
+    """What quant.convert says it did to the activations, per (QAT, WxAy)."""
+    from quant.convert import convert
+
+    return {(qat, w, a): convert(tiny_model(qat)[1], w, a)["acts"]
+            for qat in (True, False) for w, a in ((16, 16), (4, 16), (4, 4))}
+
+
+def test_a_qat_models_a16_configurations_are_marked_quantizers_off():
+    acts = run_distributed(activation_descriptions, 1)[0]
+    off = "quantizers off, not a deployment configuration"
+    assert acts == {(True, 16, 16): off, (True, 4, 16): off, (True, 4, 4): "qat clip",
+                    (False, 16, 16): "16-bit", (False, 4, 16): "16-bit", (False, 4, 4): "per-token asym 4-bit"}
+    from quant.evaluate import format_table
+    table = {"W16A16": {"wikitext2_ppl": {"value": 10.0, "change_pct": 0.0}},
+             "W4A4": {"wikitext2_ppl": {"value": 11.0, "change_pct": 10.0}}}
+    assert format_table(table, ["W16A16"]).splitlines() == [
+        "config    wikitext2_ppl", "W16A16 †  10", "W4A4      11 (+10.0%)",
+        f"† {off}: a QAT model runs with its learned clips (W16A4 is the model as trained)"]
+    assert format_table(table).splitlines() == ["config  wikitext2_ppl", "W16A16  10", "W4A4    11 (+10.0%)"]

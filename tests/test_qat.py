@@ -234,3 +234,53 @@ def test_short_run_moves_clips_lowers_loss_and_kurtosis_penalty_lowers_kurtosis(
     assert sum(off["losses"][-5:]) < 0.8 * sum(off["losses"][:5])
     assert max((a - b).abs().max().item() for a, b in zip(off["clips"], off["clips0"])) > 0.01
     assert on["kurtosis"] < 0.8 * off["kurtosis"], (on["kurtosis"], off["kurtosis"])
+
+
+def _layer_metric_names(overrides):
+    from pretrain.engine import build_engine
+    from pretrain.trainer import Trainer
+
+    cfg, dims, model, quantizers, penalties = build(overrides)
+    trainer = Trainer(cfg, build_engine(model, cfg, dims), quantizers, penalties)
+    trainer.record_layer_stats(True)
+    trainer.train_step(rank_micro_batches(global_samples(cfg, SAMPLES), cfg.train.micro_batch_size))
+    names = set(trainer.interval_metrics()[1])
+    quantizers[0].clip.data = torch.tensor([1.0, -1.0])        # crossed: the non-finite warning names it
+    return names, trainer._inverted_clips()
+
+
+@pytest.mark.parametrize("pipeline", [1, 2])
+def test_layer_metrics_are_named_by_their_linear(pipeline):
+    """Per-layer metrics carry the plain GPT's name of their linear under any layout (a pipeline
+    stage names its layers by index): each stage has its own layers' metrics, together all of them;
+    the non-finite-loss warning names crossed clips by layer too."""
+    over = {**QAT_KURT, "qat": {**QAT["qat"], "layers": ["qkv", "proj", "fc1", "fc2", "output"]},
+            "parallel": {"pipeline": pipeline}}
+    block_linears = [f"blocks.{i}.{s}" for i in range(2) for s in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+    want = {f"qat/{n}/{k}" for n in block_linears + ["head.output"] for k in ("c_lo", "c_hi", "clipped")}
+    want |= {f"kurtosis/{n}" for n in block_linears}
+    stages, inverted = zip(*run_distributed(_layer_metric_names, pipeline, over))
+    assert set().union(*stages) == want
+    assert sum(len(s) for s in stages) == len(want)              # no layer on two stages
+    if pipeline == 1:
+        assert inverted == ("; the QAT quantizers of blocks.0.attn.qkv have inverted clips c_lo >= c_hi: "
+                            "lower optim.lr or qat.init_value",)
+
+
+def test_layer_metrics_reach_tensorboard_and_metrics_jsonl(tmp_path):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from pretrain.metrics import MetricsLogger
+
+    logger = MetricsLogger(str(tmp_path), 10, 64, 1e6, 1, 0.0, 0)
+    layers = {"qat/blocks.3.mlp.fc1/c_lo": -1.5, "kurtosis/blocks.3.mlp.fc2": 3.25}
+    logger.interval(5, {"train/loss": 2.0}, layers)
+    logger.close()
+    assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == [
+        {"step": 5, "train/loss": 2.0, "layers": layers}]
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    for tag, value in {**layers, "train/loss": 2.0}.items():
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == [(5, value)], tag

@@ -177,7 +177,16 @@ def test_merged_report_holds_both_arms_with_the_eval_json_numbers(studies, tmp_p
     qat = eval_values(studies["qat-kurt"], "qat-kurt-seed1234")[8]["gptq-w4g32"]["W4A4"]["wikitext2_ppl"]
     row = next(line for line in md.splitlines() if line.startswith("| qat-kurt (QAT) |"))
     assert f"**{100 * (qat / base - 1):+.1f} %**" in row
-    assert "† activations unquantized" in md and " †" in row
+    assert "† quantizers off, not a deployment configuration: a QAT model's A16 configurations" in md and " †" in row
+
+
+def test_the_curve_keeps_the_last_record_of_each_step_without_per_layer_values(tmp_path):
+    layers = {"qat/blocks.0.attn.qkv/c_lo": -1.0, "kurtosis/blocks.0.mlp.fc2": 3.0}
+    records = [{"step": 2, "train/loss": 3.0, "layers": layers}, {"step": 2, "valid/loss": 2.5},
+               {"step": 2, "train/loss": 2.9, "layers": layers}, {"step": 1, "train/loss": 4.0, "layers": {}}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))   # resumed: step 2 twice
+    assert results.read_curve(str(tmp_path)) == [{"step": 1, "train/loss": 4.0}, {"step": 2, "train/loss": 2.9},
+                                                 {"step": 2, "valid/loss": 2.5}]
 
 
 def test_merge_unions_points_and_refuses_other_configs(tmp_path):
