@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from tests.data_utils import DEMO, ENV, ROOT, train_args
+from pretrain.tiny_run import DEMO, ENV, ROOT, train_args
 from tests.dist_utils import free_port
 
 LOUD = {k: v for k, v in ENV.items() if k != "PYTHONWARNINGS"}   # warnings as a user sees them
