@@ -180,11 +180,14 @@ def _check(plan: Plan) -> None:
         raise ConfigError(f"overrides must be a mapping, got {plan.overrides!r}")
     if plan.baseline not in names:
         raise ConfigError(f"baseline arm {plan.baseline!r} is not among the arms ({', '.join(names)})")
-    if not plan.fractions or any(not 0 < f <= 1 for f in plan.fractions):
-        raise ConfigError(f"fractions must lie in (0, 1], got {plan.fractions}")
+    def check_fractions(fractions, where):
+        if not fractions or any(not 0 < f <= 1 for f in fractions):
+            raise ConfigError(f"{where}fractions must lie in (0, 1], got {fractions}")
+
+    check_fractions(plan.fractions, "")
     for arm in plan.arms:
-        if arm.fractions is not None and (not arm.fractions or any(not 0 < f <= 1 for f in arm.fractions)):
-            raise ConfigError(f"arm {arm.name}: fractions must lie in (0, 1], got {arm.fractions}")
+        if arm.fractions is not None:
+            check_fractions(arm.fractions, f"arm {arm.name}: ")
         for length in (arm.lengths if arm.lengths is not None else plan.lengths):
             if length < 1:
                 raise ConfigError(f"arm {arm.name}: run lengths must be >= 1 step, got {length}")
