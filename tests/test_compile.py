@@ -1,6 +1,7 @@
 """train.compile (each block under torch.compile, the QAT / kurtosis kernels as custom ops) is
 exact: the same losses, per-layer statistics, gradients and weights as eager over a few steps
-(fp32, QAT + kurtosis on, clip init from the first batch), one graph per block with no breaks, the
+(fp32, QAT + kurtosis on, clip init from the first batch; alone and under PP=2), one graph per block
+with no breaks, the
 custom ops pass torch.library.opcheck, and a stopped and resumed compiled run equals an
 uninterrupted one. Inductor on CPU compiles slowly: the training tests are few and tiny."""
 import pytest
@@ -135,3 +136,29 @@ def test_compiled_stop_and_resume_is_bitwise_exact(data, tmp_path):
     assert sorted(split) == list(range(1, 2 * n + 1))
     assert split == straight                        # float equality of every step's loss
     assert len(set(straight.values())) == 2 * n
+
+
+def _run_counted(overrides: dict, full_state: dict, steps: int) -> dict:
+    """tests.train_utils.run, with dynamo's graph and graph-break counts."""
+    from torch._dynamo.utils import counters
+
+    from tests.train_utils import run
+
+    out = run(overrides, full_state, steps)
+    return {**out, "graphs": counters["stats"]["unique_graphs"], "breaks": sum(counters["graph_break"].values())}
+
+
+def test_compiled_pipeline_matches_eager_pipeline():
+    """PP=2 (1F1B over two micro-batches, QAT + kurtosis): the stages' compiled blocks give the
+    eager pipeline's losses, gradient norms and final weights."""
+    base = {**QAT, "model": {**QAT["model"], "num_layers": 3}, "parallel": {"pipeline": 2, "zero_stage": 1}}
+    full = run_distributed(initial_state, 1, {k: v for k, v in base.items() if k != "parallel"})[0]
+    eager = run_distributed(_run_counted, 2, base, full, STEPS)
+    compiled = run_distributed(_run_counted, 2, {**base, "train": {"compile": True}}, full, STEPS)
+    for ref, out in zip(eager, compiled):
+        assert ref["graphs"] == 0 and out["graphs"] > 0 and out["breaks"] == 0
+        assert out["losses"] == pytest.approx(ref["losses"], rel=1e-6)
+        assert out["grad_norms"] == pytest.approx(ref["grad_norms"], rel=1e-5)
+        assert out["final"].keys() == ref["final"].keys()
+        for name, p in ref["final"].items():
+            torch.testing.assert_close(out["final"][name], p, rtol=1e-5, atol=1e-6, msg=name)
