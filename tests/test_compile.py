@@ -1,9 +1,8 @@
 """train.compile (each block under torch.compile, the QAT / kurtosis kernels as custom ops) is
 exact: the same losses, per-layer statistics, gradients and weights as eager over a few steps
-(fp32, QAT + kurtosis on, clip init from the first batch; alone and under PP=2), one graph per block
-with no breaks, the
-custom ops pass torch.library.opcheck, and a stopped and resumed compiled run equals an
-uninterrupted one. Inductor on CPU compiles slowly: the training tests are few and tiny."""
+(fp32, QAT + kurtosis on, clip init from the first batch; alone and under PP=2), one graph per
+block with no breaks, the custom ops pass torch.library.opcheck, and a stopped and resumed compiled
+run equals an uninterrupted one. Inductor on CPU compiles slowly: the training tests are few and tiny."""
 import pytest
 import torch
 
