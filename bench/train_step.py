@@ -143,15 +143,15 @@ def run_variant(spec: str, config: str, micro: int, steps: int, warmup: int, pro
             opt.step()
             opt.zero_grad(set_to_none=True)
     else:
-        from model.gpt import build_gpt
         from pretrain.engine import build_engine
         from pretrain.parallel import init_distributed
+        from pretrain.parallelize import build_model
         from pretrain.trainer import Trainer
         from quant.qat import attach_qat
         from quant.regularize import attach_kurtosis
 
         dims = init_distributed(cfg.parallel)
-        model = build_gpt(cfg.model, cfg.parallel.sequence_parallel)
+        model = build_model(cfg, dims)   # as training builds it (train.compile, activation checkpointing)
         quantizers, penalties = attach_qat(model, cfg.qat), attach_kurtosis(model, cfg.kurtosis)
         trainer = Trainer(cfg, build_engine(model, cfg, dims), quantizers, penalties)
 

@@ -4,6 +4,11 @@ Pure functions of tensors: no model, no config. `impl=None` picks Triton on CUDA
 PyTorch reference elsewhere; "triton" / "torch" force one (tests run Triton on CPU under
 TRITON_INTERPRET=1). The fake quantizer comes alone (`fake_quant`) or fused into the producer of
 a linear's input (`norm_fake_quant`, `act_fake_quant`).
+
+Each kernel is also a `torch.library` custom op (namespace `qat_kernels`) with a fake (meta)
+implementation and, for the quantizers, registered autograd: under torch.compile the public
+functions call those, so a compiled graph holds them without breaks; eager keeps the autograd
+functions (a custom op's eager dispatch costs ~1.6× their host time). Both run the same implementations.
 """
 from .act_quant import act_fake_quant
 from .fake_quant import fake_quant, fake_quant_backward, fake_quant_forward

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
-from .fake_quant import (_acc_scale, _finish_clip_sums, _inv_steps, _neg_zeros, _quantize_grad_acc,
+from .fake_quant import (_acc_scale, _finish_clip_sums, _inv_steps, _neg_zeros, _quantize_grad_acc, new_counter,
                          add_clipped, check_clipped, check_quant_args, clip_grad_from_partials,
                          clipped_torch, is_clipped, load_clip, quantize, quantize_grad_torch,
                          quantize_torch, resolve_impl)
@@ -315,6 +315,44 @@ class _ActFakeQuant(torch.autograd.Function):
         return da, dclip, None, None, None, None
 
 
+@torch.library.custom_op("qat_kernels::act_fake_quant", mutates_args=())
+def _act_fake_quant_op(a: torch.Tensor, clip: torch.Tensor, swiglu: bool, bits: int, impl: str,
+                       count: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What torch.compile sees of _ActFakeQuant's forward: (x_hat, the clipped count or empty)."""
+    clipped = new_counter(a, count)
+    return _FORWARD[impl](a, clip, bits, swiglu, clipped if count else None), clipped
+
+
+@_act_fake_quant_op.register_fake
+def _(a, clip, swiglu, bits, impl, count):
+    return a.new_empty(_out_shape(a, swiglu)), new_counter(a, count)
+
+
+@torch.library.custom_op("qat_kernels::act_fake_quant_backward", mutates_args=())
+def _act_fake_quant_backward_op(a: torch.Tensor, g: torch.Tensor, clip: torch.Tensor, bits: int, swiglu: bool,
+                                impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _BACKWARD[impl](a, g, clip, bits, swiglu)
+
+
+@_act_fake_quant_backward_op.register_fake
+def _(a, g, clip, bits, swiglu, impl):
+    return torch.empty_like(a), torch.empty_like(clip)
+
+
+def _act_setup(ctx, inputs, output):
+    a, clip, swiglu, bits, impl, _ = inputs
+    ctx.save_for_backward(a, clip)
+    ctx.swiglu, ctx.bits, ctx.impl = swiglu, bits, impl
+
+
+def _act_grad(ctx, g, _):
+    a, clip = ctx.saved_tensors
+    return *_act_fake_quant_backward_op(a, g, clip, ctx.bits, ctx.swiglu, ctx.impl), None, None, None, None
+
+
+_act_fake_quant_op.register_autograd(_act_grad, setup_context=_act_setup)
+
+
 def act_fake_quant(a, kind, clip, bits, impl=None, clipped=None):
     """x_hat = fake_quant(act(a)) on the learned clip range clip = (c_lo, c_hi), differentiable in
     a and clip; saves only a and clip for backward.
@@ -332,4 +370,9 @@ def act_fake_quant(a, kind, clip, bits, impl=None, clipped=None):
     swiglu = kind == "swiglu"
     if swiglu and a.shape[-1] % 2:
         raise ValueError(f"act_fake_quant: swiglu needs an even last dim of (gate, up) pairs, got {a.shape[-1]}")
+    if torch.compiler.is_compiling():
+        x_hat, count = _act_fake_quant_op(a.contiguous(), clip, swiglu, bits, resolve_impl(impl, a), clipped is not None)
+        if clipped is not None:
+            clipped += count
+        return x_hat
     return _ActFakeQuant.apply(a.contiguous(), clip, swiglu, bits, resolve_impl(impl, a), clipped)

@@ -495,6 +495,61 @@ class _FakeQuant(torch.autograd.Function):
         return dx, dclip, None, None, None
 
 
+# ---------------------------------------------------------------------------------------------
+# Custom ops: what torch.compile sees instead of the autograd function (see the package docstring)
+# ---------------------------------------------------------------------------------------------
+
+def new_counter(x: torch.Tensor, count: bool) -> torch.Tensor:
+    """The clipped-element counter a custom op fills and returns: an op returns tensors only, so
+    without counting it returns an empty one (allocated, not written)."""
+    return x.new_zeros((), dtype=torch.int64) if count else x.new_empty(0, dtype=torch.int64)
+
+
+@torch.library.custom_op("qat_kernels::fake_quant", mutates_args=())
+def fake_quant_op(x: torch.Tensor, clip: torch.Tensor, bits: int, impl: str,
+                  count: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    clipped = new_counter(x, count)
+    return _FORWARD[impl](x, clip, bits, clipped if count else None), clipped
+
+
+@fake_quant_op.register_fake
+def _(x, clip, bits, impl, count):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device), new_counter(x, count)
+
+
+def _grad_like(x):
+    """An empty dx laid out as the Triton backward lays it out (x's layout when it reads x in place)."""
+    return torch.empty_like(x if _row_layout(x) is not None else x.contiguous())
+
+
+@torch.library.custom_op("qat_kernels::fake_quant_backward", mutates_args=())
+def _fake_quant_backward_op(x: torch.Tensor, g: torch.Tensor, clip: torch.Tensor, bits: int,
+                            impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    dx, dclip = _BACKWARD[impl](x, g, clip, bits)
+    if impl == "torch":   # the layout the fake promises (the Triton path's by construction)
+        dx = _grad_like(x).copy_(dx)
+    return dx, dclip
+
+
+@_fake_quant_backward_op.register_fake
+def _(x, g, clip, bits, impl):
+    return _grad_like(x), torch.empty_like(clip)
+
+
+def _fake_quant_setup(ctx, inputs, output):
+    x, clip, bits, impl, _ = inputs
+    ctx.save_for_backward(x, clip)
+    ctx.bits, ctx.impl = bits, impl
+
+
+def _fake_quant_grad(ctx, g, _):
+    x, clip = ctx.saved_tensors
+    return *_fake_quant_backward_op(x, g, clip, ctx.bits, ctx.impl), None, None, None
+
+
+fake_quant_op.register_autograd(_fake_quant_grad, setup_context=_fake_quant_setup)
+
+
 def fake_quant(x, clip, bits, impl=None, clipped=None):
     """Fake-quantize x to `bits` bits on the learned clip range clip = (c_lo, c_hi) (differentiable
     in x and clip).
@@ -506,4 +561,9 @@ def fake_quant(x, clip, bits, impl=None, clipped=None):
     """
     check_quant_args("fake_quant", x, clip, bits)
     check_clipped(clipped, x)
+    if torch.compiler.is_compiling():
+        x_hat, count = fake_quant_op(x, clip, bits, resolve_impl(impl, x), clipped is not None)
+        if clipped is not None:
+            clipped += count
+        return x_hat
     return _FakeQuant.apply(x, clip, bits, resolve_impl(impl, x), clipped)

@@ -229,10 +229,35 @@ def _moments_tensor_parallel(y2d, eps, group, impl):
 # Public API
 # ---------------------------------------------------------------------------------------------
 
+@torch.library.custom_op("qat_kernels::token_kurtosis_stats", mutates_args=())
+def _moments_op(y2d: torch.Tensor, eps: float, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """What torch.compile sees of the (single-rank) moments: (kappa, stats)."""
+    return _MOMENTS[impl](y2d, eps)
+
+
+@_moments_op.register_fake
+def _(y2d, eps, impl):
+    return y2d.new_empty(y2d.shape[0], dtype=torch.float32), y2d.new_empty(y2d.shape[0], 5, dtype=torch.float32)
+
+
+@torch.library.custom_op("qat_kernels::token_kurtosis_grad", mutates_args=())
+def _grad_op(y2d: torch.Tensor, stats: torch.Tensor, g: float, grad_out: torch.Tensor | None,
+             impl: str) -> torch.Tensor:
+    """What torch.compile sees of the gradient kernel (the same dL/dkappa g for every token)."""
+    return _GRAD[impl](y2d, stats, g, grad_out)
+
+
+@_grad_op.register_fake
+def _(y2d, stats, g, grad_out, impl):
+    return torch.empty_like(y2d)
+
+
 def _stats(y, eps, group, impl):
     y2d = y.reshape(-1, y.shape[-1]).contiguous()
     if group is not None and dist.get_world_size(group) > 1:
         kappa, stats = _moments_tensor_parallel(y2d, eps, group, impl)
+    elif torch.compiler.is_compiling():
+        kappa, stats = _moments_op(y2d, eps, impl)
     else:
         kappa, stats = _MOMENTS[impl](y2d, eps)
     return kappa.view(y.shape[:-1]), stats
@@ -246,7 +271,11 @@ def _grad(y, stats, g_kappa, grad_out, impl):
         grad_out = grad_out.reshape(-1, n)  # a view where the strides allow it
         if grad_out.stride(-1) != 1:
             grad_out = grad_out.contiguous()
-    dy = _GRAD[impl](y.reshape(-1, n).contiguous(), stats, g_kappa, grad_out)
+    y2d = y.reshape(-1, n).contiguous()
+    if torch.compiler.is_compiling() and not isinstance(g_kappa, torch.Tensor):
+        dy = _grad_op(y2d, stats, g_kappa, grad_out, impl)
+    else:
+        dy = _GRAD[impl](y2d, stats, g_kappa, grad_out)
     return dy.view(y.shape)
 
 

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from .fake_quant import (_ROUND_MAGIC, add_clipped, check_clipped, check_quant_args, clipped_torch,
-                         is_clipped, load_clip, quantize, quantize_grad_torch, quantize_torch, resolve_impl)
+                         is_clipped, load_clip, new_counter, quantize, quantize_grad_torch, quantize_torch,
+                         resolve_impl)
 
 KINDS = ("layernorm", "rmsnorm")
 MAX_N = 16384  # whole rows live in registers (measured up to 8192; wider ones spill)
@@ -368,6 +369,56 @@ class _NormFakeQuant(torch.autograd.Function):
         return dx.view(ctx.shape), dw, db, dclip, None, None, None, None, None
 
 
+@torch.library.custom_op("qat_kernels::norm_fake_quant", mutates_args=())
+def _norm_fake_quant_op(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, clip: torch.Tensor,
+                        eps: float, center: bool, bits: int, impl: str,
+                        count: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What torch.compile sees of _NormFakeQuant's forward: (x_hat, mean (empty for rmsnorm), rstd,
+    the clipped count (empty unless counted))."""
+    clipped = new_counter(x2d, count)
+    x_hat, mean, rstd = _FORWARD[impl](x2d, weight, bias, clip, eps, center, bits, clipped if count else None)
+    return x_hat, mean if center else rstd.new_empty(0), rstd, clipped
+
+
+@_norm_fake_quant_op.register_fake
+def _(x2d, weight, bias, clip, eps, center, bits, impl, count):
+    rstd = x2d.new_empty(x2d.shape[0], dtype=torch.float32)
+    return (torch.empty_like(x2d, memory_format=torch.contiguous_format),
+            torch.empty_like(rstd) if center else rstd.new_empty(0), rstd, new_counter(x2d, count))
+
+
+@torch.library.custom_op("qat_kernels::norm_fake_quant_backward", mutates_args=())
+def _norm_fake_quant_backward_op(x2d: torch.Tensor, g: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                 clip: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, bits: int,
+                                 impl: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dw, db (empty without a bias), dclip); mean is empty for rmsnorm."""
+    dx, dw, db, dclip = _BACKWARD[impl](x2d, g, weight, bias, clip, mean if mean.numel() else None, rstd, bits)
+    return dx, dw, db if bias is not None else weight.new_empty(0), dclip
+
+
+@_norm_fake_quant_backward_op.register_fake
+def _(x2d, g, weight, bias, clip, mean, rstd, bits, impl):
+    return (torch.empty_like(x2d), torch.empty_like(weight),
+            torch.empty_like(bias) if bias is not None else weight.new_empty(0), torch.empty_like(clip))
+
+
+def _norm_setup(ctx, inputs, output):
+    x2d, weight, bias, clip, _, _, bits, impl, _ = inputs
+    _, mean, rstd, _ = output
+    ctx.save_for_backward(x2d, weight, bias, clip, mean, rstd)
+    ctx.bits, ctx.impl = bits, impl
+
+
+def _norm_grad(ctx, g, *_):
+    x2d, weight, bias, clip, mean, rstd = ctx.saved_tensors
+    dx, dw, db, dclip = _norm_fake_quant_backward_op(x2d, g.contiguous(), weight, bias, clip, mean, rstd,
+                                                     ctx.bits, ctx.impl)
+    return dx, dw, db if bias is not None else None, dclip, None, None, None, None, None
+
+
+_norm_fake_quant_op.register_autograd(_norm_grad, setup_context=_norm_setup)
+
+
 def _check_param(name, p, n_cols, x):
     if not isinstance(p, torch.Tensor) or not p.is_floating_point() or tuple(p.shape) != (n_cols,):
         raise TypeError(f"norm_fake_quant: {name} must be a float tensor of shape ({n_cols},) (the "
@@ -400,5 +451,12 @@ def norm_fake_quant(x, weight, bias, eps, kind, clip, bits, impl=None, clipped=N
         _check_param("bias", bias, n_cols, x)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"norm_fake_quant: eps must be a number >= 0, got {eps!r}")
+    if torch.compiler.is_compiling():
+        x_hat, _, _, count = _norm_fake_quant_op(
+            x.reshape(-1, n_cols).contiguous(), weight.contiguous(), bias.contiguous() if bias is not None else None,
+            clip, float(eps), kind == "layernorm", bits, resolve_impl(impl, x), clipped is not None)
+        if clipped is not None:
+            clipped += count
+        return x_hat.view(x.shape)
     return _NormFakeQuant.apply(x, weight, bias, clip, float(eps), kind == "layernorm", bits,
                                 resolve_impl(impl, x), clipped)

@@ -62,6 +62,7 @@ class TrainConfig:
     activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (recompute the MLPs)
     max_nonfinite_steps: int = 5     # a step with a non-finite loss is skipped; this many in a row abort
     stop_at_step: int = 0            # save and exit 0 after this step, as on SIGTERM (time-sliced jobs); 0 = off
+    compile: bool = False            # torch.compile each transformer block (QAT/kurtosis kernels as custom ops); needs parallel.tensor 1, no activation checkpointing
 
 
 @dataclass
@@ -244,6 +245,12 @@ def validate(cfg: Config, world_size: int) -> None:
     if t.activation_checkpointing not in ("none", "full", "selective"):
         raise ConfigError(f"train.activation_checkpointing must be none, full or selective, "
                           f"got {t.activation_checkpointing!r}")
+    if t.compile and p.tensor > 1:
+        raise ConfigError(f"train.compile needs parallel.tensor=1, got {p.tensor}: megatron-core's TP linears "
+                          f"all-reduce asynchronously in backward, which torch.compile cannot trace in one graph")
+    if t.compile and t.activation_checkpointing != "none":
+        raise ConfigError(f"train.compile is not yet tested with activation checkpointing; use "
+                          f"train.activation_checkpointing: none (got {t.activation_checkpointing})")
     if p.pipeline > cfg.model.num_layers:
         raise ConfigError(f"parallel.pipeline={p.pipeline} exceeds model.num_layers={cfg.model.num_layers}")
     if t.micro_batch_size < 1 or t.global_batch_size % (t.micro_batch_size * dp):

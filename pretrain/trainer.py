@@ -66,7 +66,8 @@ class Trainer:
         dist.all_reduce(todo, op=dist.ReduceOp.MAX)      # pipeline stages run the forward together
         if todo.item():
             self.engine.eval()
-            with torch.no_grad():
+            # eager: the inits read statistics back to the host, which compiled blocks cannot trace
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 if self.pipeline:
                     self.engine.eval_batch(iter([(batch["tokens"], batch["labels"])]), num_micro_batches=1)
                 else:

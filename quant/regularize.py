@@ -8,7 +8,7 @@ unchanged and it works the same under pipeline parallelism, where earlier stages
 loss. Per site and step that is one moments kernel in forward and one kernel in backward that reads
 y and the incoming gradient and writes their sum (``kernels.kurtosis.token_kurtosis_grad``). The
 trainer sets the gradient scale the engine applies to the main loss (loss scale / gradient
-accumulation steps) with :func:`set_grad_scale`; it is read in backward.
+accumulation steps) with :func:`set_grad_scale` before the step's forwards, which read it.
 """
 import torch
 import torch.distributed as dist
@@ -24,30 +24,28 @@ _grad_scale = 1.0
 
 
 def set_grad_scale(scale: float) -> None:
-    """The factor the engine applies to the main loss before backward (loss scale / accumulation)."""
+    """The factor the engine applies to the main loss before backward (loss scale / accumulation);
+    the forwards after this call use it."""
     global _grad_scale
     _grad_scale = float(scale)
 
 
 class _Penalize(torch.autograd.Function):
     """Returns y; backward returns the incoming gradient plus the penalty's, from one kernel.
-    Saved: y and five fp32 numbers per token."""
+    Saved: y and five fp32 numbers per token. No side effects, so torch.compile traces it (the
+    kernels inside are custom ops there); the gradient scale is read in forward, where a compiled
+    graph guards on it."""
 
     @staticmethod
-    def forward(ctx, y, penalty):
-        kappa, stats = token_kurtosis_stats(y, eps=penalty.eps, group=penalty.channel_group())
-        tokens = kappa.numel() * (parallel_state.get_tensor_model_parallel_world_size()
-                                  if penalty.split_tokens else 1)
-        penalty.kurtosis_sum = kappa.sum() if penalty.record_stats else None
-        penalty.tokens = tokens
+    def forward(ctx, y, stats, g_kappa):
         ctx.save_for_backward(y, stats)
-        ctx.lam_per_kappa = penalty.lam / tokens if penalty.reduce == "mean" else penalty.lam
+        ctx.g_kappa = g_kappa
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, g):
         y, stats = ctx.saved_tensors
-        return token_kurtosis_grad(y, stats, ctx.lam_per_kappa * _grad_scale, grad_out=g), None
+        return token_kurtosis_grad(y, stats, ctx.g_kappa, grad_out=g), None, None
 
 
 class KurtosisPenalty(torch.nn.Module):
@@ -68,7 +66,12 @@ class KurtosisPenalty(torch.nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if not ((torch.is_grad_enabled() and y.requires_grad) or self.record_stats):
             return y                         # evaluation: nothing to penalize or log
-        return _Penalize.apply(y, self)
+        kappa, stats = token_kurtosis_stats(y, eps=self.eps, group=self.channel_group())
+        self.tokens = kappa.numel() * (parallel_state.get_tensor_model_parallel_world_size()
+                                       if self.split_tokens else 1)
+        self.kurtosis_sum = kappa.sum() if self.record_stats else None
+        lam_per_kappa = self.lam / self.tokens if self.reduce == "mean" else self.lam
+        return _Penalize.apply(y, stats, lam_per_kappa * _grad_scale)
 
     def last_mean(self) -> torch.Tensor | None:
         """Mean kurtosis over this layer's tokens in the last forward (over the TP group when the

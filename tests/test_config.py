@@ -30,6 +30,9 @@ def _error(capsys, monkeypatch, world: int, *overrides: str) -> str:
      "train.global_batch_size=10 is not a multiple of train.micro_batch_size x data-parallel size = 4 x 2"),
     (1, ["--qat.bits", "1"], "qat.bits must be in 2..8"),
     (1, ["--kurtosis.reduce", "max"], "kurtosis.reduce must be 'mean' or 'sum'"),
+    (2, ["--parallel.tensor", "2", "--train.compile", "true"], "train.compile needs parallel.tensor=1, got 2"),
+    (1, ["--train.compile", "true", "--train.activation_checkpointing", "full"],
+     "train.compile is not yet tested with activation checkpointing"),
 ])
 def test_bad_config_is_refused_before_any_work(capsys, monkeypatch, world, overrides, message):
     assert message in _error(capsys, monkeypatch, world, *overrides)
