@@ -40,7 +40,7 @@ def checkpoints(tmp_path_factory):
 
 def reference(paths, quantized=None, task_limit=0):
     """Our logits [b, s, V] on BATCH per checkpoint, QAT quantizers off (what transformers runs),
-    with ``quantized``'s weights when given; and our GPTLM's arc_easy accuracy on the first."""
+    with ``quantized``'s weights when given; and our GPTLM's lambada_openai metrics on the first."""
     from data_prep.tokenizer import load_tokenizer
     from pretrain.parallel import ParallelConfig, init_distributed
     from quant import gptq
@@ -49,18 +49,18 @@ def reference(paths, quantized=None, task_limit=0):
     from quant.load import build_model, load_checkpoint
 
     init_distributed(ParallelConfig())
-    logits, acc = [], None
+    logits, metrics = [], None
     for path in paths:
         ckpt = load_checkpoint(path)
         model = build_model(ckpt)
         convert(model, 4 if quantized else 16, 16, gptq.load(quantized)[0] if quantized else None)
         with torch.no_grad():
             logits.append(model(BATCH).transpose(0, 1))
-        if task_limit and acc is None:
+        if task_limit and metrics is None:
             os.chdir(ROOT)
             lm = GPTLM(model, load_tokenizer(ckpt.config.data.tokenizer), ckpt.config.model.seq_length, 4)
-            acc = run_tasks(lm, ["arc_easy"], task_limit)["arc_easy"]["acc"]
-    return logits, acc
+            metrics = run_tasks(lm, ["lambada_openai"], task_limit)["lambada_openai"]
+    return logits, metrics
 
 
 def hf_logits(path, arch):
@@ -73,9 +73,14 @@ def hf_logits(path, arch):
         return model.eval()(BATCH).logits
 
 
-def test_transformers_logits_equal_ours(checkpoints):
-    (ours, _), = run_distributed(reference, 1, [str(checkpoints / name) for name in MODELS])
-    for name, want in zip(MODELS, ours):
+@pytest.fixture(scope="module")
+def ours(checkpoints):
+    """reference() of the MODELS checkpoints (lambada_openai on the first), in one process."""
+    return run_distributed(reference, 1, [str(checkpoints / name) for name in MODELS], None, 8)[0]
+
+
+def test_transformers_logits_equal_ours(checkpoints, ours):
+    for name, want in zip(MODELS, ours[0]):
         got = hf_logits(checkpoints / f"{name}-hf", ARCH[name.split("-")[0]])
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
 
@@ -122,19 +127,19 @@ def test_autotokenizer_gives_data_preps_ids(checkpoints, tmp_path, model_type):
         assert hf.decode(ids) == sp.detokenize(ids), text
 
 
-def test_lm_eval_hf_model_runs_a_local_task_as_our_adapter(checkpoints, monkeypatch):
+def test_lm_eval_hf_model_runs_a_local_task_as_our_adapter(checkpoints, ours, monkeypatch):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from quant.lm_eval_adapter import TASK_DIR
 
-    (_, ours), = run_distributed(reference, 1, [str(checkpoints / "gpt2-tp2")], None, 8)
     monkeypatch.chdir(ROOT)
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={checkpoints / 'gpt2-tp2-hf'},dtype=float32", tasks=["arc_easy"],
+        model="hf", model_args=f"pretrained={checkpoints / 'llama-tp2-hf'},dtype=float32", tasks=["lambada_openai"],
         task_manager=TaskManager(include_path=TASK_DIR, include_defaults=False), limit=8, batch_size=4,
         device="cpu", bootstrap_iters=0, log_samples=False)["results"]
-    assert results["arc_easy"]["acc,none"] == pytest.approx(ours)
+    for metric in ("acc", "perplexity"):            # the same log-likelihoods
+        assert results["lambada_openai"][f"{metric},none"] == pytest.approx(ours[1][metric], rel=1e-4), metric
 
 
 def test_gptq_export_has_the_dequantized_weights_and_records_the_settings(checkpoints):
