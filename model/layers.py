@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
+ROPE_BASE = 10000.0   # rotary frequency base (theta); quant.export writes it into Hugging Face configs
+
 
 def mark_tp_grad_sync(param: torch.nn.Parameter) -> None:
     """Mark a parameter that is replicated over the TP group but sees only part of the data on
@@ -127,7 +129,7 @@ def activation(a: torch.Tensor, kind: str) -> torch.Tensor:
     return F.gelu(a, approximate="tanh")
 
 
-def rope_cache(seq_len: int, head_dim: int, base: float = 10000.0):
+def rope_cache(seq_len: int, head_dim: int, base: float = ROPE_BASE):
     """cos/sin tables [seq, head_dim] for rotary position embeddings (rotate-half layout)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)

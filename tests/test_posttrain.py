@@ -14,18 +14,19 @@ TINY = {"model": {"vocab_size": 96, "seq_length": 16, "hidden_size": 32, "num_la
         "parallel": {"zero_stage": 1}, "qat": {"enabled": True}}
 
 
-def save_checkpoint(out_dir: str, tp: int, pp: int = 1):
-    """Train two DeepSpeed steps under TP=tp x PP=pp, save through pretrain.checkpoint; return this
-    rank's full-width (TP-gathered) parameters under the plain GPT's names."""
+def save_checkpoint(out_dir: str, tp: int, pp: int = 1, extra: dict | None = None):
+    """Train two DeepSpeed steps under TP=tp x PP=pp (config sections updated by ``extra``), save
+    through pretrain.checkpoint; return this rank's full-width (TP-gathered) parameters under the
+    plain GPT's names."""
     from model.sharding import gather_state_dict
     from pretrain import checkpoint
     from pretrain.engine import build_engine
     from pretrain.trainer import Trainer
-    from tests.train_utils import build, global_samples, gpt_names, rank_micro_batches
+    from tests.train_utils import build, global_samples, gpt_names, merged, rank_micro_batches
 
     over = {**TINY, "parallel": {"zero_stage": 1, "tensor": tp, "pipeline": pp},
             "train": {**TINY["train"], "out_dir": out_dir}}
-    cfg, dims, model, quantizers, penalties = build(over)
+    cfg, dims, model, quantizers, penalties = build(merged(over, extra or {}))
     trainer = Trainer(cfg, build_engine(model, cfg, dims), quantizers, penalties)
     batches = rank_micro_batches(global_samples(cfg, 2 * cfg.train.global_batch_size), cfg.train.micro_batch_size)
     for _ in range(2):
