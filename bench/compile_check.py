@@ -1,8 +1,8 @@
 """Does train.compile train the same model as eager on a GPU? Both paths, one after the other in
 this process, from the same initial weights on the same random batches (QAT + kurtosis on, clip
 init from the first batch): each step's loss and gradient norm, then the gradients of one more
-micro-batch by plain autograd, compared parameter by parameter; plus each path's median step
-time and peak memory. tests/test_compile.py checks the same on CPU (fp32, tiny); this is the GPU
+micro-batch by plain autograd at the same weights (the eager run's last), compared parameter by
+parameter; plus each path's median step time and peak memory. tests/test_compile.py checks the same on CPU (fp32, tiny); this is the GPU
 check at a real size, bf16 by default (``--fp32`` for a tight comparison).
 
     python bench/compile_check.py --config configs/125m.yaml --micro-batch 16 --steps 8
@@ -36,9 +36,13 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def run(config: str, overrides: list[str], steps: int, initial: dict | None) -> tuple[dict, dict]:
+def run(config: str, overrides: list[str], steps: int, initial: dict | None,
+        grads_at: dict | None) -> tuple[dict, dict, dict]:
     """``steps`` trainer steps (layer stats recorded on the last), then one more micro-batch's
-    gradients; and the initial state (for the other path to start from)."""
+    gradients at the weights ``grads_at`` (the other path's final state; None: this path's own);
+    and the initial and final states (for the other path). QAT's rounding turns the first
+    ulp of difference into whole quantization steps of a few elements, so the two trajectories
+    drift apart; gradients are compared at identical weights."""
     from pretrain.config import load_config
     from pretrain.engine import build_engine
     from pretrain.parallel import init_distributed
@@ -68,6 +72,10 @@ def run(config: str, overrides: list[str], steps: int, initial: dict | None) -> 
         times.append(time.perf_counter() - t0)
         norms.append(float(trainer.engine.get_global_grad_norm() or 0.0))
     _, layers = trainer.interval_metrics()
+    final = {k: v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v for k, v in model.state_dict().items()}
+    if grads_at is not None:
+        model.load_state_dict(grads_at)
+        assert not any(q.needs_init for q in quantizers)   # re-read `initialized` eagerly, as the trainer does
     batch = next(data)
     params = dict(model.named_parameters())
     grads = torch.autograd.grad(model(batch["tokens"], batch["labels"]), list(params.values()))   # no engine hooks
@@ -78,7 +86,7 @@ def run(config: str, overrides: list[str], steps: int, initial: dict | None) -> 
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return out, state
+    return out, state, final
 
 
 def compare(eager: dict, compiled: dict) -> dict:
@@ -111,8 +119,8 @@ def main():
               "--qat.enabled", "true", "--qat.start_step", "0", "--kurtosis.enabled", "true", "--model.dropout", "0"]
     if args.fp32:
         common += ["--train.bf16", "false", "--train.fp16", "false"]
-    eager, initial = run(args.config, common + ["--train.compile", "false"], args.steps, None)
-    compiled, _ = run(args.config, common + ["--train.compile", "true"], args.steps, initial)
+    eager, initial, final = run(args.config, common + ["--train.compile", "false"], args.steps, None, None)
+    compiled, _, _ = run(args.config, common + ["--train.compile", "true"], args.steps, initial, final)
     result = {"config": args.config, "micro_batch": args.micro_batch, "fp32": args.fp32, **compare(eager, compiled)}
     for name, r in (("eager", eager), ("compiled", compiled)):
         result[name] = {"losses": r["losses"], "grad_norms": r["grad_norms"], "step_ms": r["step_ms"],

@@ -1,5 +1,8 @@
 """W8A8 and W4A4 simulations against integer math done by hand in int64, and the act quantizers
-(the native-A4 one against training's quantizer, bit for bit)."""
+(the native-A4 one against training's quantizer, bit for bit; on a GPU's Triton kernel with
+``TEST_DEVICE=cuda pytest tests/test_int8.py -k bit_for_bit``, recorded in docs/benchmarks.md)."""
+import os
+
 import pytest
 import torch
 
@@ -110,6 +113,7 @@ def test_native_a4_simulation_equals_integer_math():
 EVAL_CLIPS = [(torch.float32, -1.5, 2.0), (torch.float32, -0.13, 1.71), (torch.float32, -2.0, 2.0),
               (torch.float32, 0.0, 15.0), (torch.bfloat16, -2.3417, 2.6021)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DEVICE = torch.device(os.environ.get("TEST_DEVICE", "cpu"))
 
 
 def boundary_inputs(clip, bits, dtype, seed, shape=(8, 4, 64)):
@@ -133,7 +137,7 @@ def training_outputs(x, clip, bits):
     """What training's quantizer makes of x: the torch reference, and the Triton kernel (here under
     TRITON_INTERPRET=1, whose fp32 -> bf16 cast truncates where GPUs round to nearest as torch
     does: a bf16 input is run in fp32, which the kernel loads it as, and cast by torch)."""
-    triton_in = x.float() if x.dtype == torch.bfloat16 else x
+    triton_in = x.float() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else x
     return {"torch": fake_quant_forward(x, clip, bits, impl="torch"),
             "triton": fake_quant_forward(triton_in, clip, bits, impl="triton").to(x.dtype)}
 
@@ -144,8 +148,8 @@ def training_outputs(x, clip, bits):
 def test_static_clip_is_the_training_quantizer_bit_for_bit(clip_dtype, c_lo, c_hi, dtype, bits):
     """Evaluation's native-A4 quantizer (quant.convert's, from the clip as it loads it) against
     training's on the same input: equal bit for bit, on every rounding boundary and clip edge."""
-    clip = torch.tensor([c_lo, c_hi], dtype=clip_dtype)
-    x = boundary_inputs(clip, bits, dtype, seed=bits)
+    clip = torch.tensor([c_lo, c_hi], dtype=clip_dtype, device=DEVICE)
+    x = boundary_inputs(clip.cpu(), bits, dtype, seed=bits).to(DEVICE)
     out = act_quantizer(bits, clip.float()).quantize(x)
     assert out.dtype == dtype and out.shape == x.shape
     for impl, want in training_outputs(x, clip, bits).items():
