@@ -134,9 +134,9 @@ def boundary_inputs(clip, bits, dtype, seed, shape=(8, 4, 64)):
 
 
 def training_outputs(x, clip, bits):
-    """What training's quantizer makes of x: the torch reference, and the Triton kernel (here under
+    """What training's quantizer makes of x: the torch reference, and the Triton kernel (on CPU under
     TRITON_INTERPRET=1, whose fp32 -> bf16 cast truncates where GPUs round to nearest as torch
-    does: a bf16 input is run in fp32, which the kernel loads it as, and cast by torch)."""
+    does: there a bf16 input is run in fp32, which the kernel loads it as, and cast by torch)."""
     triton_in = x.float() if x.dtype == torch.bfloat16 and x.device.type == "cpu" else x
     return {"torch": fake_quant_forward(x, clip, bits, impl="torch"),
             "triton": fake_quant_forward(triton_in, clip, bits, impl="triton").to(x.dtype)}
