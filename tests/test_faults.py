@@ -14,10 +14,11 @@ import time
 import psutil
 import pytest
 import torch
+import torch.distributed as dist
 
 from model.gpt import Head
 from model.sharding import gather_state_dict
-from pretrain.engine import build_engine
+from pretrain.engine import AdamW, all_finite, build_engine
 from pretrain.trainer import NonFiniteLossError, Trainer
 from tests.data_utils import finish, losses, single, tiny_data, torchrun, train_args
 from tests.dist_utils import run_distributed
@@ -113,6 +114,69 @@ def test_nonfinite_loss_skips_the_step_and_repeated_ones_abort(world, parallel):
         assert [v != v for v in rec["losses"]] == [False, True, False, True]   # NaN on steps 1 and 3
         assert "2 steps in a row (up to step 5) had a non-finite loss (train.max_nonfinite_steps=2): aborting" \
             in rec["error"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_all_finite_sees_one_nonfinite_value_and_no_overflow(dtype):
+    big = torch.finfo(dtype).max
+    base = [torch.randn(64, 33).to(dtype), torch.randn(5).to(dtype), torch.empty(0, dtype=dtype)]
+    assert all_finite(base).item() and all_finite(base + [torch.full((7,), big, dtype=dtype)]).item()
+    assert all_finite([torch.empty(0, dtype=dtype)]).item()
+    for value in (float("nan"), float("inf"), float("-inf")):
+        grads = [t.clone() for t in base]
+        grads[0][40, 17] = value
+        assert not all_finite(grads).item(), value
+        assert not all_finite([torch.ones(3, dtype=torch.float64), torch.ones(2)] + grads).item(), value
+
+
+def _params(dtype):
+    torch.manual_seed(0)
+    return [torch.nn.Parameter(torch.randn(*shape).to(dtype)) for shape in ((16, 8), (8,), (3, 5))]
+
+
+def _adamw_step(cls, dtype, poison):
+    """One step of ``cls`` over three parameters whose gradients are random, except one element of
+    the second set to ``poison``; returns (step's result, parameters after, optimizer state)."""
+    params = _params(dtype)
+    for i, p in enumerate(params):
+        p.grad = torch.randn(p.shape).to(dtype)
+        if i == 1 and poison is not None:
+            p.grad[3] = poison
+    opt = cls(params, lr=1e-2, weight_decay=0.1)
+    return opt.step(), [p.detach().clone() for p in params], opt.state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_adamw_skips_exactly_when_one_gradient_is_nonfinite(dtype):
+    initial = _params(dtype)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        result, after, state = _adamw_step(AdamW, dtype, value)
+        assert result is None and not state, value
+        assert all(torch.equal(a, b) for a, b in zip(after, initial)), value
+    for value in (None, 1e30):
+        result, after, state = _adamw_step(AdamW, dtype, value)
+        _, expected, _ = _adamw_step(torch.optim.AdamW, dtype, value)
+        assert len(state) == 3 and all(s["step"].item() == 1 for s in state.values())
+        assert all(torch.equal(a, b) for a, b in zip(after, expected))
+        assert all(torch.isfinite(a).all() and not torch.equal(a, b) for a, b in zip(after, initial))
+
+
+def _adamw_poisoned_on_rank(bad_rank: int) -> bool:
+    """Rank ``bad_rank`` alone holds a NaN gradient; returns whether this rank's weights moved."""
+    dist.init_process_group("gloo")
+    params = _params(torch.float32)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    if dist.get_rank() == bad_rank:
+        params[2].grad[1, 4] = float("nan")
+    before = [p.detach().clone() for p in params]
+    AdamW(params, lr=1e-2).step()
+    return any(not torch.equal(a, b) for a, b in zip(params, before))
+
+
+def test_adamw_one_rank_nonfinite_skips_every_rank():
+    assert run_distributed(_adamw_poisoned_on_rank, 2, 1) == [False, False]
+    assert run_distributed(_adamw_poisoned_on_rank, 2, -1) == [True, True]
 
 
 def test_fault_bench_kills_the_whole_tree_and_resumes(data, tmp_path):
