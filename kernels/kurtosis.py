@@ -27,14 +27,13 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from .fake_quant import resolve_impl
+from .fake_quant import _FLOAT_DTYPES, resolve_impl
 
 # eps keeps constant rows finite: their m2 and m4 are 0 (exactly when the fp32 mean is exact, as for
 # zero rows; at rounding level otherwise), so kappa = m4 / eps is ~0 instead of 0/0. It is far below
 # m2^2 of any activation worth regularizing (std 1e-5 gives m2^2 = 1e-20), so kappa stays
 # scale-invariant in practice, and far above the fp32 underflow of m2^2 (~1e-38).
 KURTOSIS_EPS = 1e-20
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_args(y, eps):
