@@ -268,7 +268,8 @@ def _row_layout(x):
     return dims[0][0], dims[1][0], dims[0][1], dims[1][1]
 
 
-def _tile(n_cols):
+def _block_shape(n_cols):
+    """(BLOCK_R, BLOCK_C) of a program's tile of about _TILE elements, whole rows when they fit."""
     block_c = min(triton.next_power_of_2(n_cols), _TILE)
     return max(1, _TILE // block_c), block_c
 
@@ -403,7 +404,7 @@ def _forward_triton(x, clip, bits, clipped=None):
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_cols = x.shape[-1]
     n_rows = n_i * n_j
-    block_r, block_c = _tile(n_cols)
+    block_r, block_c = _block_shape(n_cols)
     grid = (triton.cdiv(n_rows, block_r), triton.cdiv(n_cols, block_c))
     counts = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=x.device) if clipped is not None else out
     _fwd_kernel[grid](x, clip, out, counts, n_rows, n_cols, n_j, stride_i, stride_j, float(2 ** bits - 1),

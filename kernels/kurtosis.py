@@ -13,7 +13,8 @@ forms d = (y - p) - e the same way and keeps y plus five fp32 numbers per token:
 p, e, m3, kappa*m2, 4/(N D).
 
 With tensor parallelism each rank holds a contiguous slice of the channels. The forward
-all-reduces the per-token sums (and channel counts) to get a common pivot, then all-reduces the
+all-reduces (through the caller's `all_reduce`: this module stays free of torch.distributed) the
+per-token sums (and channel counts) to get a common pivot, then all-reduces the
 local sums of (y - p)^k; kappa comes out identical on every rank, and the backward is purely
 local: each rank's dy is exactly its slice of the single-process gradient.
 
@@ -23,18 +24,16 @@ added to the one arriving from downstream in the same pass: one read of y and of
 write). token_kurtosis is the differentiable composition of the two.
 """
 import torch
-import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from .fake_quant import resolve_impl
+from .fake_quant import _FLOAT_DTYPES, resolve_impl
 
 # eps keeps constant rows finite: their m2 and m4 are 0 (exactly when the fp32 mean is exact, as for
 # zero rows; at rounding level otherwise), so kappa = m4 / eps is ~0 instead of 0/0. It is far below
 # m2^2 of any activation worth regularizing (std 1e-5 gives m2^2 = 1e-20), so kappa stays
 # scale-invariant in practice, and far above the fp32 underflow of m2^2 (~1e-38).
 KURTOSIS_EPS = 1e-20
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_args(y, eps):
@@ -213,15 +212,15 @@ _PIVOT_SUMS = {"torch": _pivot_sums_torch, "triton": _pivot_sums_triton}
 _GRAD = {"torch": _grad_torch, "triton": _grad_triton}
 
 
-def _moments_tensor_parallel(y2d, eps, group, impl):
-    """kappa and stats of tokens whose channels are split over `group` (two all-reduces)."""
+def _moments_tensor_parallel(y2d, eps, all_reduce, impl):
+    """kappa and stats of tokens whose channels are split over ranks (two calls of all_reduce)."""
     sums = torch.cat([y2d.sum(-1, dtype=torch.float32),
                       torch.tensor([y2d.shape[-1]], dtype=torch.float32, device=y2d.device)])
-    dist.all_reduce(sums, group=group)
+    all_reduce(sums)
     n = sums[-1]
     pivot = sums[:-1] / n
     pivot_sums = _PIVOT_SUMS[impl](y2d, pivot)
-    dist.all_reduce(pivot_sums, group=group)
+    all_reduce(pivot_sums)
     return _finish(pivot, pivot_sums, n, eps)
 
 
@@ -252,10 +251,10 @@ def _(y2d, stats, g, grad_out, impl):
     return torch.empty_like(y2d)
 
 
-def _stats(y, eps, group, impl):
+def _stats(y, eps, all_reduce, impl):
     y2d = y.reshape(-1, y.shape[-1]).contiguous()
-    if group is not None and dist.get_world_size(group) > 1:
-        kappa, stats = _moments_tensor_parallel(y2d, eps, group, impl)
+    if all_reduce is not None:
+        kappa, stats = _moments_tensor_parallel(y2d, eps, all_reduce, impl)
     elif torch.compiler.is_compiling():
         kappa, stats = _moments_op(y2d, eps, impl)
     else:
@@ -281,8 +280,8 @@ def _grad(y, stats, g_kappa, grad_out, impl):
 
 class _TokenKurtosis(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, y, eps, group, impl):
-        kappa, stats = _stats(y, eps, group, impl)
+    def forward(ctx, y, eps, all_reduce, impl):
+        kappa, stats = _stats(y, eps, all_reduce, impl)
         ctx.save_for_backward(y, stats)
         ctx.impl = impl
         return kappa
@@ -293,22 +292,24 @@ class _TokenKurtosis(torch.autograd.Function):
         return _grad(y, stats, g, None, ctx.impl), None, None, None
 
 
-def token_kurtosis(y, eps=KURTOSIS_EPS, group=None, impl=None):
+def token_kurtosis(y, eps=KURTOSIS_EPS, all_reduce=None, impl=None):
     """Kurtosis of every token over the last (channel) dim: fp32, shape y.shape[:-1].
 
-    group: the tensor-parallel process group when y holds a slice of the channels; kappa is then
-    the kurtosis over all channels, identical on every rank. impl: None, "triton" or "torch".
+    all_reduce: when y holds a slice of the channels (tensor parallelism over more than one rank), a
+    function summing a tensor in place over the ranks of the slices, e.g.
+    functools.partial(dist.all_reduce, group=tp_group); kappa is then the kurtosis over all
+    channels, identical on every rank. None for whole channels. impl: None, "triton" or "torch".
     """
     _check_args(y, eps)
-    return _TokenKurtosis.apply(y, float(eps), group, resolve_impl(impl, y))
+    return _TokenKurtosis.apply(y, float(eps), all_reduce, resolve_impl(impl, y))
 
 
 @torch.no_grad()
-def token_kurtosis_stats(y, eps=KURTOSIS_EPS, group=None, impl=None):
+def token_kurtosis_stats(y, eps=KURTOSIS_EPS, all_reduce=None, impl=None):
     """(kappa, stats) without autograd: kappa as token_kurtosis returns it, stats the (tokens, 5)
     fp32 per-token numbers token_kurtosis_grad needs besides y."""
     _check_args(y, eps)
-    return _stats(y, float(eps), group, resolve_impl(impl, y))
+    return _stats(y, float(eps), all_reduce, resolve_impl(impl, y))
 
 
 @torch.no_grad()

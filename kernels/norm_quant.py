@@ -287,7 +287,7 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def _tile(n_cols, tile, per_thread, rows, num_warps):
+def _launch_config(n_cols, tile, per_thread, rows, num_warps):
     """ROWS, BLOCK_N and num_warps (4 to 16) for a tile of about `tile` elements, `per_thread` per
     thread; explicit rows / num_warps override (the benchmark's sweep)."""
     block = triton.next_power_of_2(n_cols)
@@ -298,7 +298,7 @@ def _tile(n_cols, tile, per_thread, rows, num_warps):
 
 def _forward_triton(x2d, weight, bias, clip, eps, center, bits, clipped, rows=None, num_warps=None):
     n_rows, n_cols = x2d.shape
-    cfg = _tile(n_cols, _FWD_TILE, _FWD_PER_THREAD, rows, num_warps)
+    cfg = _launch_config(n_cols, _FWD_TILE, _FWD_PER_THREAD, rows, num_warps)
     grid = (triton.cdiv(n_rows, cfg["ROWS"]),)
     out = torch.empty_like(x2d)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x2d.device)
@@ -318,7 +318,7 @@ def _backward_triton(x2d, g, weight, bias, clip, mean, rstd, bits, rows=None, nu
                      rows_per_program=None):
     """rows_per_program defaults to what makes one wave of resident programs."""
     n_rows, n_cols = x2d.shape
-    cfg = _tile(n_cols, _BWD_TILE, _BWD_PER_THREAD, rows, num_warps)
+    cfg = _launch_config(n_cols, _BWD_TILE, _BWD_PER_THREAD, rows, num_warps)
     if rows_per_program is None:
         programs = max(1, _RESIDENT_WARPS_PER_SM // cfg["num_warps"]) * _sm_count(x2d.device)
         rows_per_program = cfg["ROWS"] * max(1, triton.cdiv(n_rows, cfg["ROWS"] * programs))

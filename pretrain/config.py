@@ -218,6 +218,16 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def check_world_size(world_size: int, tensor: int, pipeline: int) -> None:
+    """That the world splits into tensor x pipeline groups: the one check, for the config before
+    launch and for ParallelDims at startup."""
+    if tensor < 1 or pipeline < 1:
+        raise ConfigError(f"parallel.tensor and parallel.pipeline must be >= 1, got {tensor} and {pipeline}")
+    if world_size % (tensor * pipeline):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline "
+                          f"= {tensor} x {pipeline}")
+
+
 def validate(cfg: Config, world_size: int) -> None:
     """Every check that can fail before work starts; raises ConfigError naming the problem."""
     p, t = cfg.parallel, cfg.train
@@ -227,9 +237,7 @@ def validate(cfg: Config, world_size: int) -> None:
         raise ConfigError(str(e)) from None
     if t.bf16 and t.fp16:
         raise ConfigError("train.bf16 and train.fp16 are both true; choose one")
-    if p.tensor < 1 or p.pipeline < 1 or world_size % (p.tensor * p.pipeline):
-        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline "
-                          f"= {p.tensor} x {p.pipeline}")
+    check_world_size(world_size, p.tensor, p.pipeline)
     dp = world_size // (p.tensor * p.pipeline)
     if p.zero_stage not in (0, 1, 2):
         raise ConfigError(f"parallel.zero_stage must be 0, 1 or 2, got {p.zero_stage}")

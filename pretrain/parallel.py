@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from pretrain.config import ParallelConfig, world_size_from_env
+from pretrain.config import ParallelConfig, check_world_size, world_size_from_env
 from quiet import without_known_prints
 
 
@@ -29,11 +29,7 @@ class ParallelDims:
         return self.world // (self.tp * self.pp)
 
     def validate(self) -> None:
-        if self.tp < 1 or self.pp < 1:
-            raise ValueError(f"parallel.tensor and parallel.pipeline must be >= 1, got {self.tp} and {self.pp}")
-        if self.world % (self.tp * self.pp):
-            raise ValueError(f"world size {self.world} is not divisible by parallel.tensor x parallel.pipeline "
-                             f"= {self.tp} x {self.pp}")
+        check_world_size(self.world, self.tp, self.pp)
 
 
 class MegatronMPU:

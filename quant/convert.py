@@ -28,7 +28,8 @@ from quant.actquant import fake_quant_per_token, fake_quant_static_clip
 from quant.int8 import quantize_weight_int8, w8a8_linear
 from quant.rtn import QuantizedWeight, rtn_quantize
 
-BLOCK_LINEAR_SUFFIXES = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+# Name suffixes of a block's linears, in forward (GPTQ true-sequential) order.
+BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 BITS = (16, 8, 4, 3, 2)
 # What a QAT model's A16 configurations are, in every table and file that shows them.
 QUANTIZERS_OFF = "quantizers off, not a deployment configuration"
@@ -65,7 +66,7 @@ class Int8Linear(torch.nn.Module):
 
 def block_linears(model) -> list[tuple[str, torch.nn.Module]]:
     from model.gpt import linears
-    return [(n, m) for n, m in linears(model) if n.endswith(BLOCK_LINEAR_SUFFIXES)]
+    return [(n, m) for n, m in linears(model) if n.endswith(BLOCK_LINEARS)]
 
 
 def act_quantizer(bits: int, clip: Optional[torch.Tensor]) -> Optional[ActQuant]:

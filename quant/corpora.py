@@ -16,7 +16,8 @@ import os
 
 import torch
 
-EVAL_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "eval")
+from data_prep.documents import EVAL_DIR
+
 C4 = os.path.join(EVAL_DIR, "c4-sample", "c4-sample.00000-of-00001.json.gz")
 WIKITEXT2 = os.path.join(EVAL_DIR, "wikitext-2-raw", "wiki.test.raw")
 CALIB_DOCS = 500

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from quant.adadim import adadim_quantize
+from quant.convert import BLOCK_LINEARS
 from quant.hessian import HessianAccumulator, quantize_distributed, rank_windows
 from quant.packing import load_quantized, save_quantized
 from quant.qat import InputQuantizer
@@ -38,7 +39,6 @@ from quant.solver import gptq_quantize
 
 log = logging.getLogger("quant")
 METHODS = ("rtn", "gptq", "adadim-rtn", "adadim-gptq")
-BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")    # true-sequential order
 QUANTIZED_FILE, MANIFEST_FILE = "model.safetensors", "manifest.json"
 
 

@@ -10,6 +10,8 @@ y and the incoming gradient and writes their sum (``kernels.kurtosis.token_kurto
 trainer sets the gradient scale the engine applies to the main loss (loss scale / gradient
 accumulation steps) with :func:`set_grad_scale` before the step's forwards, which read it.
 """
+import functools
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -59,14 +61,18 @@ class KurtosisPenalty(torch.nn.Module):
         self.kurtosis_sum = None             # detached sum of kappa over this rank's tokens, when recorded
         self.tokens = 0
 
-    def channel_group(self):
-        """The TP group when this output holds a slice of the channels."""
-        return parallel_state.get_tensor_model_parallel_group() if self.split_channels else None
+    def channel_all_reduce(self):
+        """The sum over the TP group when this output holds a slice of the channels on more than one
+        rank (what token_kurtosis_stats combines the moments with), else None."""
+        group = parallel_state.get_tensor_model_parallel_group() if self.split_channels else None
+        if group is None or dist.get_world_size(group) == 1:
+            return None
+        return functools.partial(dist.all_reduce, group=group)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if not ((torch.is_grad_enabled() and y.requires_grad) or self.record_stats):
             return y                         # evaluation: nothing to penalize or log
-        kappa, stats = token_kurtosis_stats(y, eps=self.eps, group=self.channel_group())
+        kappa, stats = token_kurtosis_stats(y, eps=self.eps, all_reduce=self.channel_all_reduce())
         self.tokens = kappa.numel() * (parallel_state.get_tensor_model_parallel_world_size()
                                        if self.split_tokens else 1)
         self.kurtosis_sum = kappa.sum() if self.record_stats else None

@@ -3,6 +3,8 @@ over 2 real gloo ranks vs the single-process float64 result.
 
 Inputs have mean 1e3 and std 1 (outlier-channel-like), where raw power sums break down in fp32.
 """
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -29,14 +31,15 @@ def _tp_worker(y, g):
     """On each rank: kurtosis and gradient of this rank's channel slice, per split and impl."""
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), {}
+    world_sum = functools.partial(dist.all_reduce, group=dist.group.WORLD)
     for name, splits in SPLITS.items():
         start = sum(splits[:rank])
         for impl in IMPLS:
             y_local = y[:, start:start + splits[rank]].clone().requires_grad_()
-            kappa = token_kurtosis(y_local, group=dist.group.WORLD, impl=impl)
+            kappa = token_kurtosis(y_local, all_reduce=world_sum, impl=impl)
             kappa.backward(g)  # the loss is replicated over ranks and counted once
             # the regularizer's entry points: a scalar dL/dkappa, added to an incoming gradient
-            kappa_stats, stats = token_kurtosis_stats(y_local.detach(), group=dist.group.WORLD, impl=impl)
+            kappa_stats, stats = token_kurtosis_stats(y_local.detach(), all_reduce=world_sum, impl=impl)
             fused = token_kurtosis_grad(y_local.detach(), stats, G_SCALAR, grad_out=y_local.grad, impl=impl)
             out[name, impl] = (kappa.detach(), y_local.grad, kappa_stats, fused)
     return out

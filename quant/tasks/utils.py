@@ -1,8 +1,7 @@
 """Document hooks of the local lm-eval tasks (loaded by lm-eval from the task YAMLs)."""
-import os
+from data_prep.documents import EVAL_DIR
 
-PIQA_LABELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "data", "eval",
-                           "piqa", "valid-labels.lst")
+PIQA_LABELS = EVAL_DIR / "piqa" / "valid-labels.lst"
 
 
 def piqa_with_labels(dataset):
