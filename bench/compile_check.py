@@ -48,8 +48,8 @@ def run(config: str, overrides: list[str], steps: int, initial: dict | None,
     from pretrain.parallel import init_distributed
     from pretrain.parallelize import build_model
     from pretrain.trainer import Trainer
-    from quant.qat import attach_qat
-    from quant.regularize import attach_kurtosis
+    from qat.quantizer import attach_qat
+    from qat.kurtosis import attach_kurtosis
 
     cfg = load_config(config, overrides)
     dims = init_distributed(cfg.parallel)

@@ -147,8 +147,8 @@ def run_variant(spec: str, config: str, micro: int, steps: int, warmup: int, pro
         from pretrain.parallel import init_distributed
         from pretrain.parallelize import build_model
         from pretrain.trainer import Trainer
-        from quant.qat import attach_qat
-        from quant.regularize import attach_kurtosis
+        from qat.quantizer import attach_qat
+        from qat.kurtosis import attach_kurtosis
 
         dims = init_distributed(cfg.parallel)
         model = build_model(cfg, dims)   # as training builds it (train.compile, activation checkpointing)

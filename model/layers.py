@@ -4,7 +4,7 @@ Every linear layer of the model is a :class:`Linear`: a megatron-core column- or
 layer with two attachment points that the QAT issue fills:
 
 * ``input_quant``: a module with ``run(linear, x)`` that quantizes the input and calls the layer
-  (QAT fake quantization with learned clips, see ``quant.qat``; evaluation-time quantizers, see
+  (QAT fake quantization with learned clips, see ``qat.quantizer``; evaluation-time quantizers, see
   ``quant.convert``). When its ``fuse_into_producer`` is true, the producer of the input (a norm,
   the MLP activation) applies it in its own kernel (``quantize_norm`` / ``quantize_act``);
 * ``output_stat``: a module called on the output that returns it (the kurtosis regularizer).

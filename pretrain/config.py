@@ -3,7 +3,7 @@
 
 Each option is documented once, beside its field in the dataclass that owns it:
 ``model.config.GPTConfig``, ``ParallelConfig``, ``OptimConfig``, ``TrainConfig`` and
-``CheckpointConfig`` below, ``data_prep.config.DataConfig`` and ``quant.config.QATConfig`` /
+``CheckpointConfig`` below, ``data_prep.config.DataConfig`` and ``qat.config.QATConfig`` /
 ``KurtosisConfig``. None of these modules imports torch: a config loads, and is refused, at once.
 """
 import dataclasses
@@ -18,7 +18,7 @@ import yaml
 
 from data_prep.config import DataConfig
 from model.config import GPTConfig
-from quant.config import KurtosisConfig, QATConfig
+from qat.config import KurtosisConfig, QATConfig
 
 
 @dataclass

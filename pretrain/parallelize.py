@@ -14,7 +14,7 @@ from model.gpt import MLP, Block, build_gpt, lm_loss
 from model.pipeline import pipeline_layers
 from pretrain.config import Config
 from pretrain.parallel import ParallelDims, deepspeed_topology
-from quant.qat import checkpointed
+from qat.quantizer import checkpointed
 
 
 def checkpoint_activations(model: torch.nn.Module, mode: str) -> None:

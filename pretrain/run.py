@@ -19,8 +19,8 @@ from pretrain.metrics import MetricsLogger, flops_per_token, matmul_params, peak
 from pretrain.parallel import ParallelDims, destroy_distributed, init_distributed
 from pretrain.parallelize import build_model
 from pretrain.trainer import NonFiniteLossError, Trainer
-from quant.qat import attach_qat
-from quant.regularize import attach_kurtosis
+from qat.quantizer import attach_qat
+from qat.kurtosis import attach_kurtosis
 
 log = logging.getLogger("pretrain")
 

@@ -13,8 +13,8 @@ from model.gpt import linears
 from model.pipeline import to_gpt_name
 from pretrain.config import Config
 from pretrain.engine import loss_scale, set_lr
-from quant.qat import set_qat_step
-from quant.regularize import set_grad_scale
+from qat.quantizer import set_qat_step
+from qat.kurtosis import set_grad_scale
 
 log = logging.getLogger("pretrain")
 

@@ -33,7 +33,7 @@ from quant.adadim import adadim_quantize
 from quant.convert import BLOCK_LINEARS
 from quant.hessian import HessianAccumulator, quantize_distributed, rank_windows
 from quant.packing import load_quantized, save_quantized
-from quant.qat import InputQuantizer
+from qat.quantizer import InputQuantizer
 from quant.rtn import QuantizedWeight, rtn_quantize
 from quant.solver import gptq_quantize
 

@@ -144,7 +144,7 @@ def build_model(ckpt: Checkpoint, device="cpu") -> torch.nn.Module:
     from megatron.core import parallel_state
 
     from model.gpt import build_gpt
-    from quant.qat import attach_qat
+    from qat.quantizer import attach_qat
 
     if parallel_state.get_tensor_model_parallel_world_size() != 1:
         raise RuntimeError("post-training runs the full model on every rank: use parallel.tensor=1")

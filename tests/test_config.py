@@ -102,7 +102,7 @@ def test_help_lists_every_key_of_every_section_without_importing_torch():
     optim, data = blocks["optim (pretrain.config.OptimConfig):"], blocks["data (data_prep.config.DataConfig):"]
     assert optim[0] == "  lr: float = 0.0003         peak learning rate (clip values use it too)"
     assert data[0].startswith("  paths: list[str] = required           dataset prefixes written by")
-    assert blocks["kurtosis (quant.config.KurtosisConfig):"][1].startswith("  lambda: float = 0.001  ")
+    assert blocks["kurtosis (qat.config.KurtosisConfig):"][1].startswith("  lambda: float = 0.001  ")
 
 
 def test_readme_config_reference_is_the_generated_one():

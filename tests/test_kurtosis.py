@@ -213,15 +213,15 @@ def test_kurtosis_grad_rejects_bad_input():
 # ---------------------------------------------------------------------------------------------
 
 def _penalty(reduce, lam=0.3):
-    from quant.regularize import KurtosisConfig, KurtosisPenalty
+    from qat.kurtosis import KurtosisConfig, KurtosisPenalty
 
     return KurtosisPenalty(KurtosisConfig(enabled=True, lambda_=lam, reduce=reduce),
                            split_channels=False, split_tokens=False)
 
 
 def test_config_eps_is_the_kernels_default():
-    """quant.config loads without torch, so it states the value instead of importing it."""
-    from quant.config import KurtosisConfig
+    """qat.config loads without torch, so it states the value instead of importing it."""
+    from qat.config import KurtosisConfig
 
     assert KurtosisConfig().eps == KURTOSIS_EPS
 
@@ -232,18 +232,18 @@ def test_penalty_adds_its_gradient_to_the_incoming_one(reduce, dtype, mean, monk
     """y's gradient is g + lambda * grad_scale * d(reduce_t kappa_t)/dy, with the grad scale set
     before the forward (read there, where a compiled graph guards on it; a later change does not
     reach this backward)."""
-    from quant import regularize
+    from qat import kurtosis
 
-    monkeypatch.setattr(regularize, "_grad_scale", 1.0)   # restored after the test
+    monkeypatch.setattr(kurtosis, "_grad_scale", 1.0)   # restored after the test
     shape, lam, scale = (3, 5, 200), 0.3, 0.25
     y = _activations(shape, dtype, seed=20, mean=mean)
     g = _grad_out(shape, dtype, "contiguous", seed=21) * 0.03   # as large as the penalty's part
     penalty = _penalty(reduce, lam)
     yr = y.clone().requires_grad_()
-    regularize.set_grad_scale(scale)
+    kurtosis.set_grad_scale(scale)
     out = penalty(yr)
     assert torch.equal(out, yr) and out.data_ptr() == yr.data_ptr()
-    regularize.set_grad_scale(2 * scale)
+    kurtosis.set_grad_scale(2 * scale)
     out.backward(g)
     ref = _grad64(y, lam * scale / (15 if reduce == "mean" else 1), g)
     _assert_grad_close(yr.grad, ref, rtol=2 * _ulp(dtype) + 1e-5)

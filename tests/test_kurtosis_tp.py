@@ -88,7 +88,7 @@ def _penalty_worker(y, g):
     sequence: the tokens are (row-parallel output under sequence parallelism)."""
     from megatron.core import parallel_state
 
-    from quant.regularize import KurtosisConfig, KurtosisPenalty, set_grad_scale
+    from qat.kurtosis import KurtosisConfig, KurtosisPenalty, set_grad_scale
 
     dist.init_process_group("gloo")
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)

@@ -79,7 +79,7 @@ def tiny_model(qat: bool):
     from model.gpt import build_gpt
     from pretrain.config import config_from_dict
     from pretrain.parallel import ParallelConfig, init_distributed
-    from quant.qat import attach_qat
+    from qat.quantizer import attach_qat
 
     init_distributed(ParallelConfig())
     cfg = config_from_dict({**TINY, "qat": {"enabled": qat}})
@@ -188,7 +188,7 @@ def analysis_of_qat_model():
     (W16A4 through quant.convert), seen before quantization."""
     from quant.analyze import analyze
     from quant.convert import block_linears, convert
-    from quant.qat import InputQuantizer
+    from qat.quantizer import InputQuantizer
 
     windows = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(5))
     _, model = tiny_model(qat=True)

@@ -93,7 +93,7 @@ def _inputs_pinned_after_forward(mode):
     import gc
 
     from pretrain.parallelize import checkpoint_activations
-    from quant.qat import _Recompute
+    from qat.quantizer import _Recompute
 
     cfg, _, model, quantizers, _ = build(QAT)
     checkpoint_activations(model, mode)
@@ -182,7 +182,7 @@ def test_mse_init_fits_each_input_scale():
     """init=mse clips sit where 4-bit quantization error is least: about 2.5 std for a Gaussian
     (the known optimum), inside the range of a bounded-below GELU output, scaled with the input;
     min/max clips have more error."""
-    from quant.qat import InputQuantizer
+    from qat.quantizer import InputQuantizer
 
     def clips(init, x):
         q = InputQuantizer(4, init, 2.0, splits_input=False)

@@ -10,8 +10,8 @@ from pretrain.engine import build_engine
 from pretrain.parallel import init_distributed
 from pretrain.parallelize import build_model, is_pipeline
 from pretrain.trainer import Trainer
-from quant.qat import attach_qat
-from quant.regularize import attach_kurtosis, set_grad_scale
+from qat.quantizer import attach_qat
+from qat.kurtosis import attach_kurtosis, set_grad_scale
 
 TINY = {
     "model": {"vocab_size": 96, "seq_length": 16, "hidden_size": 32, "num_layers": 2, "num_heads": 4},

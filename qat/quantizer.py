@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 
 import kernels
 from model.layers import activation, mark_tp_grad_sync, norm, tp_grad_sync
-from quant.config import QATConfig
+from qat.config import QATConfig
 
 MSE_INIT_STDS = tuple(1.0 + 0.5 * i for i in range(15))     # the k of init=mse's mean +- k std candidates
 

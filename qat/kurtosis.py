@@ -17,7 +17,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from kernels.kurtosis import token_kurtosis_grad, token_kurtosis_stats
-from quant.config import KurtosisConfig
+from qat.config import KurtosisConfig
 
 RESIDUAL_WRITERS = ("proj", "fc2")
 
