@@ -117,7 +117,8 @@ def _block_graph(device: torch.device, dtype: torch.dtype, rows: int, width: int
             solve(*inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: another thread's CUDA calls (NCCL's watchdog querying events) cannot end the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             outputs = solve(*inputs)
 
     def replay(*args):
