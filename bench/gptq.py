@@ -100,7 +100,7 @@ def main():
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model = build_gpt(cfg.model).to(device).eval()
-    initial = [p.detach().cpu().clone() for p in model.parameters()]  # quantize_model changes weights
+    initial = [param.detach().cpu().clone() for param in model.parameters()]  # quantize_model changes weights
     windows = torch.randint(cfg.model.vocab_size, (args.nsamples, cfg.model.seq_length),
                             generator=torch.Generator().manual_seed(1))
     spec = QuantSpec("gptq", bits=4, group_size=128, act_order=True)
@@ -110,6 +110,8 @@ def main():
         with torch.no_grad():
             for param, value in zip(model.parameters(), initial):
                 param.copy_(value)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         dist.barrier()
         t1 = time.perf_counter()
         results, times = quantize_model(model, windows, spec, args.batch_size, **VARIANTS[name])
@@ -118,8 +120,10 @@ def main():
         t2 = time.perf_counter()
         quantize_s = t2 - t1
         runs.append({"variant": name, "options": VARIANTS[name], "sha256": digest(results),
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
                      "times": {"quantize_s": quantize_s, "hessian_s": times["hessian"],
                                "solve_s": times["solve"],     # chain reduce + owner solves + broadcast
+                               "hessian_solve_s": times["hessian"] + times["solve"],
                                "forward_s": quantize_s - times["hessian"] - times["solve"],
                                "digest_s": time.perf_counter() - t2}})
     if rank != 0:
@@ -133,9 +137,10 @@ def main():
     print(f"GPTQ {args.config} on {world} rank(s), build {build_s:.1f} s")
     for r in runs:
         t = r["times"]
-        print(f"{r['variant']:<10} quantize {t['quantize_s']:.1f} s | hessian {t['hessian_s']:.1f} s, "
-              f"solve+reduce {t['solve_s']:.1f} s, forward {t['forward_s']:.1f} s | "
-              f"{t['quantize_s'] / cfg.model.num_layers:.2f} s/block | sha256 {r['sha256']}")
+        peak = f" | peak {r['peak_gib']:.1f} GiB" if cuda else ""
+        print(f"{r['variant']:<10} quantize {t['quantize_s']:.1f} s | hessian+solve {t['hessian_solve_s']:.1f} s "
+              f"(hessian {t['hessian_s']:.1f}, solve+reduce {t['solve_s']:.1f}), forward {t['forward_s']:.1f} s | "
+              f"{t['quantize_s'] / cfg.model.num_layers:.2f} s/block{peak} | sha256 {r['sha256']}")
     print(f"sha256 of {len(results)} QuantizedWeights {'the same' if out['same_sha256'] else 'DIFFER'} "
           f"across {', '.join(variants)}")
     if out["gemm"]:

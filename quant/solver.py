@@ -103,7 +103,7 @@ def _solve_block(W1, U1, s1, z1, bits: int, sym: bool, group_size: int, per_ic: 
 def _block_graph(device: torch.device, dtype: torch.dtype, rows: int, width: int, upfront: bool,
                  bits: int, sym: bool, group_size: int, per_ic: bool):
     """``_solve_block`` for one block shape captured in a CUDA graph: the eager loop is bound by
-    a Python dispatch per kernel (about ten per column); the replay launches the same kernels on
+    a Python dispatch per kernel (nine per column); the replay launches the same kernels on
     the same shapes, so the same bits. The returned function copies its arguments into the
     graph's inputs and returns the graph's outputs, valid until its next call."""
     solve = functools.partial(_solve_block, bits=bits, sym=sym, group_size=group_size, per_ic=per_ic)

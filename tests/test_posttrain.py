@@ -75,14 +75,14 @@ def logits_of_checkpoint(path):
     return model(torch.arange(16)[None] % 96)
 
 
-def tiny_model(qat: bool, model: dict | None = None):
+def tiny_model(qat: bool, model_over: dict | None = None):
     from model.gpt import build_gpt
     from pretrain.config import config_from_dict
     from pretrain.parallel import ParallelConfig, init_distributed
     from quant.qat import attach_qat
 
     init_distributed(ParallelConfig())
-    cfg = config_from_dict({**TINY, "model": {**TINY["model"], **(model or {})}, "qat": {"enabled": qat}})
+    cfg = config_from_dict({**TINY, "model": {**TINY["model"], **(model_over or {})}, "qat": {"enabled": qat}})
     torch.manual_seed(0)
     model = build_gpt(cfg.model)
     attach_qat(model, cfg.qat)
@@ -124,7 +124,7 @@ def gptq_reused_and_recomputed(model_over):
     runs = {}
     for method in ("gptq", "adadim-gptq"):
         for reuse in (True, False):
-            _, model = tiny_model(qat=True, model=model_over)
+            _, model = tiny_model(qat=True, model_over=model_over)
             calls = dict.fromkeys((n for n, _ in linears(model)), 0)
             for n, linear in linears(model):
                 linear.register_forward_hook(lambda m, a, y, n=n: calls.__setitem__(n, calls[n] + 1))
@@ -147,8 +147,8 @@ def test_reusing_earlier_passes_equals_recomputing_bit_for_bit(model_over):
         for name, t in ref_state.items():
             assert torch.equal(state[name], t), (method, name)
         blocks = {n: c for n, c in calls.items() if n.startswith("blocks.")}
-        assert set(blocks.values()) == {4}       # each block linear once per batch (4 batches) ...
-        assert ref_calls["blocks.0.attn.qkv"] == 4 * 4  # ... instead of once per later pass, and the outputs
+        assert set(blocks.values()) == {4}                # each block linear once per batch (4 batches);
+        assert ref_calls["blocks.0.attn.qkv"] == 4 * 4    # recomputing runs qkv in 3 later passes + the outputs
 
 
 def evaluation_checks():
