@@ -11,8 +11,9 @@ computation, can be checked for bit-identical results; then (rank 0, unless --no
 
 Variants (quant.gptq.quantize_model's speed options; each starts from the same initial weights, in
 the order given): reference = every calibration pass recomputes the block from its input and the
-solver launches its kernels one by one (the path before issue 14); fast = the defaults (passes
-reuse earlier ones, solver blocks replayed from CUDA graphs); reuse, graphs = one of the two.
+solver launches its kernels one by one (the float operations of the path before issue 14); fast =
+the defaults (passes reuse earlier ones: the forward phase; solver blocks replayed from CUDA graphs:
+the solve phase).
 Rank 0 prints and writes $OUT/gptq_world{N}.json if OUT is set. The weights are a random
 initialization and the calibration tokens random ids: timing does not depend on what the model
 learned, and every rank builds the same model and windows from fixed seeds.
@@ -32,8 +33,7 @@ import torch.distributed as dist  # noqa: E402
 
 from quant.rtn import QuantizedWeight  # noqa: E402
 
-VARIANTS = {"reference": dict(reuse=False, cuda_graph=False), "reuse": dict(reuse=True, cuda_graph=False),
-            "graphs": dict(reuse=False, cuda_graph=True), "fast": dict(reuse=True, cuda_graph=True)}
+VARIANTS = {"reference": dict(reuse=False, cuda_graph=False), "fast": dict(reuse=True, cuda_graph=True)}
 
 
 def digest(results: dict) -> str:
