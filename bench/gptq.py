@@ -1,12 +1,19 @@
 """GPTQ of a GPT config (4-bit, group 128, act-order, 128 x seq-length calibration tokens) on one
 or more GPUs: wall time of the block-by-block run and of its phases, and a sha256 digest of every
-QuantizedWeight so runs on different numbers of GPUs can be checked for bit-identical results;
-then (rank 0, unless --no-gemm) INT8 GEMM (torch._int_mm) against bf16 GEMM at the config's shapes.
+QuantizedWeight so runs on different numbers of GPUs, or by different variants of the same
+computation, can be checked for bit-identical results; then (rank 0, unless --no-gemm) INT8 GEMM
+(torch._int_mm) against bf16 GEMM at the config's shapes.
 
     python bench/gptq.py --config configs/1b.yaml                              # one GPU
+    python bench/gptq.py --config configs/1b.yaml --no-gemm --variants reference,fast
     torchrun --nproc-per-node 2 bench/gptq.py --config configs/1b.yaml --no-gemm
     python bench/gptq.py --dry-run        # configs/tiny.yaml, 8 windows, no GEMM: runs on CPU too
 
+Variants (quant.gptq.quantize_model's speed options; each starts from the same initial weights, in
+the order given): reference = every calibration pass recomputes the block from its input and the
+solver launches its kernels one by one (the float operations of the path before issue 14); fast =
+the defaults (passes reuse earlier ones: the forward phase; solver blocks replayed from CUDA graphs:
+the solve phase).
 Rank 0 prints and writes $OUT/gptq_world{N}.json if OUT is set. The weights are a random
 initialization and the calibration tokens random ids: timing does not depend on what the model
 learned, and every rank builds the same model and windows from fixed seeds.
@@ -25,6 +32,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from quant.rtn import QuantizedWeight  # noqa: E402
+
+VARIANTS = {"reference": dict(reuse=False, cuda_graph=False), "fast": dict(reuse=True, cuda_graph=True)}
 
 
 def digest(results: dict) -> str:
@@ -60,10 +69,15 @@ def main():
     p.add_argument("--config", default="configs/1b.yaml")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 128; 8 with --dry-run)")
     p.add_argument("--batch-size", type=int, help="windows per forward (default 8; 2 with --dry-run)")
+    p.add_argument("--variants", default="fast",
+                   help=f"comma-separated, run in this order from the same weights: {', '.join(VARIANTS)}")
     p.add_argument("--no-gemm", action="store_true", help="skip the INT8 GEMM timing")
     p.add_argument("--dry-run", action="store_true",
                    help="configs/tiny.yaml, few windows, no GEMM: a quick check that runs on CPU")
     args = p.parse_args()
+    variants = args.variants.split(",")
+    if not variants or set(variants) - set(VARIANTS):
+        p.error(f"--variants takes a comma-separated list of {', '.join(VARIANTS)}, got {args.variants!r}")
     if args.dry_run:
         args.config, args.no_gemm = "configs/tiny.yaml", True
         # One thread: CPU matmuls may round differently with another thread count, and torchrun
@@ -86,31 +100,49 @@ def main():
     t0 = time.perf_counter()
     torch.manual_seed(0)
     model = build_gpt(cfg.model).to(device).eval()
+    initial = [param.detach().cpu().clone() for param in model.parameters()]  # quantize_model changes weights
     windows = torch.randint(cfg.model.vocab_size, (args.nsamples, cfg.model.seq_length),
                             generator=torch.Generator().manual_seed(1))
     spec = QuantSpec("gptq", bits=4, group_size=128, act_order=True)
-    dist.barrier()
-    t1 = time.perf_counter()
-    results, times = quantize_model(model, windows, spec, args.batch_size)
-    if cuda:
-        torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    sha = digest(results)
-    phases = {"build_s": t1 - t0, "quantize_s": t2 - t1, "hessian_s": times["hessian"],
-              "solve_s": times["solve"],               # chain reduce + owner solves + broadcast
-              "forward_s": t2 - t1 - times["hessian"] - times["solve"], "digest_s": time.perf_counter() - t2}
+    build_s = time.perf_counter() - t0
+    runs = []
+    for name in variants:
+        with torch.no_grad():
+            for param, value in zip(model.parameters(), initial):
+                param.copy_(value)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        dist.barrier()
+        t1 = time.perf_counter()
+        results, times = quantize_model(model, windows, spec, args.batch_size, **VARIANTS[name])
+        if cuda:
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        quantize_s = t2 - t1
+        runs.append({"variant": name, "options": VARIANTS[name], "sha256": digest(results),
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if cuda else None,
+                     "times": {"quantize_s": quantize_s, "hessian_s": times["hessian"],
+                               "solve_s": times["solve"],     # chain reduce + owner solves + broadcast
+                               "hessian_solve_s": times["hessian"] + times["solve"],
+                               "forward_s": quantize_s - times["hessian"] - times["solve"],
+                               "digest_s": time.perf_counter() - t2}})
     if rank != 0:
         dist.barrier()
         return
     out = {"config": args.config, "device": torch.cuda.get_device_name() if cuda else "cpu",
            "world_size": world, "nsamples": args.nsamples, "batch_size": args.batch_size,
-           "blocks": cfg.model.num_layers, "linears": len(results), "times": phases, "sha256": sha,
+           "blocks": cfg.model.num_layers, "linears": len(results), "build_s": build_s, "variants": runs,
+           "same_sha256": len({r["sha256"] for r in runs}) == 1,
            "gemm": None if args.no_gemm else gemm_times(cfg.model, args.batch_size * cfg.model.seq_length)}
-    print(f"GPTQ {args.config} on {world} rank(s): quantize {phases['quantize_s']:.1f} s | "
-          f"hessian {phases['hessian_s']:.1f} s, solve+reduce {phases['solve_s']:.1f} s, "
-          f"forward {phases['forward_s']:.1f} s | {phases['quantize_s'] / cfg.model.num_layers:.2f} s/block | "
-          f"build {phases['build_s']:.1f} s")
-    print(f"sha256 of {len(results)} QuantizedWeights: {sha}")
+    print(f"GPTQ {args.config} on {world} rank(s), build {build_s:.1f} s")
+    for r in runs:
+        t = r["times"]
+        peak = f" | peak {r['peak_gib']:.1f} GiB" if cuda else ""
+        print(f"{r['variant']:<10} quantize {t['quantize_s']:.1f} s | hessian+solve {t['hessian_solve_s']:.1f} s "
+              f"(hessian {t['hessian_s']:.1f}, solve+reduce {t['solve_s']:.1f}), forward {t['forward_s']:.1f} s | "
+              f"{t['quantize_s'] / cfg.model.num_layers:.2f} s/block{peak} | sha256 {r['sha256']}")
+    print(f"sha256 of {len(results)} QuantizedWeights {'the same' if out['same_sha256'] else 'DIFFER'} "
+          f"across {', '.join(variants)}")
     if out["gemm"]:
         print(f"{'layer':<6}{'M':>7}{'K':>6}{'N':>6}{'bf16 ms':>9}{'int8 ms':>9}{'speedup':>9}")
         for r in out["gemm"]:

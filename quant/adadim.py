@@ -34,7 +34,7 @@ def choose_dim(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4, group
 def adadim_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4,
                     group_size: int = -1, sym: bool = False, method: str = "rtn",
                     act_order: bool = False, static_groups: bool = False, block_size: int = 128,
-                    percdamp: float = 0.01) -> QuantizedWeight:
+                    percdamp: float = 0.01, cuda_graph: bool = True) -> QuantizedWeight:
     """Quantize a [out, in] weight in the orientation ``choose_dim`` picks (see ``.dim``).
 
     The GPTQ options apply with method "gptq"; static groups only exist per-OC, so they are
@@ -46,4 +46,4 @@ def adadim_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4,
     if method == "rtn":
         return rtn_quantize(weight, bits, group_size, sym, dim)
     return gptq_quantize(weight, hessian, bits, group_size, sym, act_order,
-                         static_groups and dim == "oc", dim, block_size, percdamp)[0]
+                         static_groups and dim == "oc", dim, block_size, percdamp, cuda_graph)[0]

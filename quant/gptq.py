@@ -19,6 +19,8 @@ the calibration) and the same manifest as ``<output>/manifest.json`` for reading
 """
 import quiet  # noqa: F401  (first: silences known library noise before any library loads)
 import argparse
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -59,14 +61,13 @@ class QuantSpec:
     def needs_hessian(self) -> bool:
         return self.method != "rtn"
 
-    def solve(self, weight: torch.Tensor, hessian: torch.Tensor) -> QuantizedWeight:
-        """Quantize one [out, in] weight given its input Hessian."""
-        common = dict(bits=self.bits, group_size=self.group_size, sym=self.sym)
+    def solve(self, weight: torch.Tensor, hessian: torch.Tensor, cuda_graph: bool = True) -> QuantizedWeight:
+        """Quantize one [out, in] weight given its input Hessian (``cuda_graph``: see gptq_quantize)."""
+        common = dict(bits=self.bits, group_size=self.group_size, sym=self.sym, act_order=self.act_order,
+                      percdamp=self.percdamp, cuda_graph=cuda_graph)
         if self.method == "gptq":
-            return gptq_quantize(weight, hessian, act_order=self.act_order, percdamp=self.percdamp,
-                                 **common)[0]
-        return adadim_quantize(weight, hessian, method=self.method.removeprefix("adadim-"),
-                               act_order=self.act_order, percdamp=self.percdamp, **common)
+            return gptq_quantize(weight, hessian, **common)[0]
+        return adadim_quantize(weight, hessian, method=self.method.removeprefix("adadim-"), **common)
 
 
 class Timer:
@@ -97,12 +98,89 @@ class _InputRecorded(Exception):
     """Ends a calibration forward once the linear being calibrated has seen its input."""
 
 
+# Block modules whose output is their last linear's output (Attention returns proj's, MLP fc2's).
+TAIL_LINEARS = {"attn": "attn.proj", "mlp": "mlp.fc2"}
+
+
+@contextlib.contextmanager
+def _computed_as(module: torch.nn.Module, forward):
+    """``module`` calls ``forward`` instead of its own (an instance attribute shadows the method)."""
+    module.forward = forward
+    try:
+        yield
+    finally:
+        del module.forward
+
+
+class _BlockPasses:
+    """The calibration passes of one block over the calibration batches ``hidden``: one per linear
+    (true-sequential), then the block outputs through the quantized block.
+
+    With ``reuse``, a pass computes from the block input only what the previous passes did not: a
+    module of TAIL_LINEARS whose tail linear's inputs an earlier pass recorded (that linear is
+    quantized since) is computed as that linear of them, once, and its outputs are read back by
+    the passes after. The same modules on the same tensors give the same bits as recomputing the
+    block; the cost is, per calibration token on this rank, (hidden + ffn) floats kept at a time.
+    """
+
+    def __init__(self, block: torch.nn.Module, hidden: list, reuse: bool):
+        self.block, self.hidden, self.reuse = block, hidden, reuse
+        self.tail_inputs: dict[str, list] = {}   # module -> its tail linear's input, by batch
+        self.outputs: dict[str, list] = {}       # module -> its output, by batch
+
+    def _forward(self, b: int, computed: dict | None):
+        """Batch ``b`` through the block; the outputs computed from tail inputs go to ``computed``."""
+        with contextlib.ExitStack() as stack:
+            for name in self.outputs:
+                stack.enter_context(_computed_as(self.block.get_submodule(name),
+                                                 lambda *_, name=name: self.outputs[name][b]))
+            for name in self.tail_inputs:
+                def forward(*_, name=name):
+                    y = self.block.get_submodule(TAIL_LINEARS[name])(self.tail_inputs[name][b])
+                    if computed is not None:
+                        computed.setdefault(name, []).append(y)
+                    return y
+                stack.enter_context(_computed_as(self.block.get_submodule(name), forward))
+            return self.block(self.hidden[b])
+
+    def calibrate(self, sub: str, record) -> None:
+        """Every batch up to the input of linear ``sub``, which ``record`` gets (a call per batch)."""
+        tail_of = {t: m for m, t in TAIL_LINEARS.items()}.get(sub) if self.reuse else None
+        kept, computed = [], {}
+
+        def hook(module, args):
+            record(args[0])
+            if tail_of is not None:
+                kept.append(args[0])
+            raise _InputRecorded             # the rest of the block is not needed
+
+        handle = self.block.get_submodule(sub).register_forward_pre_hook(hook)
+        try:
+            for b in range(len(self.hidden)):
+                try:
+                    self._forward(b, computed)
+                except _InputRecorded:
+                    pass
+        finally:
+            handle.remove()
+        for name, ys in computed.items():     # complete now: read back from here on
+            self.outputs[name] = ys
+            del self.tail_inputs[name]
+        if tail_of is not None:
+            self.tail_inputs[tail_of] = kept
+
+    def block_outputs(self) -> list:
+        return [self._forward(b, None) for b in range(len(self.hidden))]
+
+
 @torch.no_grad()
-def quantize_model(model, windows: torch.Tensor, spec: QuantSpec, batch_size: int = 8):
+def quantize_model(model, windows: torch.Tensor, spec: QuantSpec, batch_size: int = 8,
+                   reuse: bool = True, cuda_graph: bool = True):
     """Quantize the block linears of a TP=1 GPT in place (weights become their dequantized
     values) from the calibration ``windows`` [n, seq] (all of them, on every rank: each rank runs
     its share of whole ``batch_size`` batches, so the result is the same for any world size).
-    Returns ({linear name: QuantizedWeight}, {"hessian": s, "solve": s})."""
+    ``reuse`` (see _BlockPasses) and ``cuda_graph`` (see gptq_quantize) change the speed, not the
+    result. Returns ({linear name: QuantizedWeight}, {"hessian": s, "solve": s})."""
     spec.validate()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     device = next(model.parameters()).device
@@ -112,37 +190,32 @@ def quantize_model(model, windows: torch.Tensor, spec: QuantSpec, batch_size: in
     for q in quantizers:                     # calibrate on 16-bit activations
         q.active = False
     hessian_t, solve_t = Timer(), Timer()
+    solve = functools.partial(spec.solve, cuda_graph=cuda_graph)
     results = {}
     hidden = [model.embedding(b.to(device)) for b in _batches(share, batch_size)] if spec.needs_hessian else []
     start, n_blocks = time.perf_counter(), len(model.blocks)
     for i, block in enumerate(model.blocks):
+        passes = _BlockPasses(block, hidden, reuse)
         for j, sub in enumerate(BLOCK_LINEARS):
             name, linear = f"blocks.{i}.{sub}", block.get_submodule(sub)
             weight = linear.weight
             if spec.needs_hessian:
                 acc = HessianAccumulator(weight.shape[1], device, keep_batches=rank > 0)
 
-                def record(module, args, acc=acc):
+                def record(x, acc=acc):
                     with hessian_t:
-                        acc.add(args[0])             # one forward batch
-                    raise _InputRecorded             # the rest of the block is not needed
+                        acc.add(x)                   # one forward batch
 
-                handle = linear.register_forward_pre_hook(record)
-                for h in hidden:
-                    try:
-                        block(h)
-                    except _InputRecorded:
-                        pass
-                handle.remove()
+                passes.calibrate(sub, record)
                 with solve_t:
-                    qw = quantize_distributed({name: weight}, {name: acc}, spec.solve,
+                    qw = quantize_distributed({name: weight}, {name: acc}, solve,
                                               first_index=len(BLOCK_LINEARS) * i + j)[name]
             else:
                 with solve_t:
                     qw = rtn_quantize(weight, spec.bits, spec.group_size, spec.sym)
             weight.copy_(qw.dequantize(weight.dtype))
             results[name] = qw
-        hidden = [block(h) for h in hidden]  # through the quantized block
+        hidden = passes.block_outputs()  # through the quantized block
         elapsed = time.perf_counter() - start
         log.info(f"block {i + 1}/{n_blocks} quantized | {elapsed:.1f} s | "
                  f"{elapsed / (i + 1):.2f} s/block | ETA {elapsed / (i + 1) * (n_blocks - i - 1):.0f} s | "

@@ -67,9 +67,10 @@ def minmax_params(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, 
     return scale, zero
 
 
-def quantize_codes(x, scale, zero, bits: int) -> torch.Tensor:
-    """Integer-valued codes (in x's float dtype) of x on the grid (scale, zero)."""
-    return torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1)
+def quantize_codes(x, scale, zero, bits: int, out=None) -> torch.Tensor:
+    """Integer-valued codes (in x's float dtype) of x on the grid (scale, zero), written to ``out``
+    if given (GPTQ's column of the block's codes)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, 2 ** bits - 1, out=out)
 
 
 def dequantize_codes(codes, scale, zero) -> torch.Tensor:

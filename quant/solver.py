@@ -6,6 +6,7 @@ error onto the not yet quantized columns through the upper Cholesky factor of H^
 columns whose updates to the rest of the matrix are applied lazily as one matmul per block.
 Everything runs in float32 (float64 if the weight is float64) on the weight's device.
 """
+import functools
 import logging
 
 import torch
@@ -61,10 +62,78 @@ def _check_inputs(weight, hessian, dim, static_groups, block_size):
         raise ValueError("hessian has a negative diagonal entry; it is not X^T X")
 
 
+def _solve_block(W1, U1, s1, z1, bits: int, sym: bool, group_size: int, per_ic: bool):
+    """GPTQ of the columns of one lazy block, in order; W1 [rows, width] takes the in-block updates.
+
+    s1, z1: every column's grid [rows, width] when the grids were fitted up front, else None
+    (fitted here: per group from the error-compensated columns, or per column with per_ic).
+    Returns (codes, errors divided by U's diagonal, the grids fitted here or None): tensors whose
+    shapes depend only on the block's, so that one CUDA graph serves every block of that shape.
+    """
+    rows, width = W1.shape
+    codes1, err1 = torch.empty_like(W1), torch.empty_like(W1)
+    scales1 = zeros1 = None
+    if per_ic:
+        scales1 = W1.new_empty(width, group_count(rows, group_size))
+    elif s1 is None:  # dynamic groups; blocks start on a group boundary
+        scales1 = W1.new_empty(rows, width // group_size)
+    if scales1 is not None:
+        zeros1 = torch.empty_like(scales1)
+    for i in range(width):
+        w = W1[:, i]
+        if per_ic:
+            s, z = minmax_params(w.reshape(scales1.shape[1], -1), bits, sym)
+            scales1[i], zeros1[i] = s[:, 0], z[:, 0]
+            s = s.expand(-1, rows // scales1.shape[1]).reshape(-1)
+            z = z.expand(-1, rows // scales1.shape[1]).reshape(-1)
+        elif s1 is None:
+            if i % group_size == 0:
+                s, z = minmax_params(W1[:, i:i + group_size], bits, sym)
+                scales1[:, i // group_size], zeros1[:, i // group_size] = s[:, 0], z[:, 0]
+                s, z = s[:, 0], z[:, 0]
+        else:
+            s, z = s1[:, i], z1[:, i]
+        q = quantize_codes(w, s, z, bits, out=codes1[:, i])
+        err = torch.div(w - dequantize_codes(q, s, z), U1[i, i], out=err1[:, i])
+        W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1)
+    return codes1, err1, scales1, zeros1
+
+
+@functools.lru_cache(maxsize=16)
+def _block_graph(device: torch.device, dtype: torch.dtype, rows: int, width: int, upfront: bool,
+                 bits: int, sym: bool, group_size: int, per_ic: bool):
+    """``_solve_block`` for one block shape captured in a CUDA graph: the eager loop is bound by
+    a Python dispatch per kernel (nine per column); the replay launches the same kernels on
+    the same shapes, so the same bits. The returned function copies its arguments into the
+    graph's inputs and returns the graph's outputs, valid until its next call."""
+    solve = functools.partial(_solve_block, bits=bits, sym=sym, group_size=group_size, per_ic=per_ic)
+    new = functools.partial(torch.zeros, rows, width, device=device, dtype=dtype)
+    inputs = (new(), torch.eye(width, device=device, dtype=dtype),
+              *((new(), new()) if upfront else (None, None)))
+    with torch.cuda.device(device), torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up before capture, as torch.cuda.graphs asks
+            solve(*inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: another thread's CUDA calls (NCCL's watchdog querying events) cannot end the capture
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = solve(*inputs)
+
+    def replay(*args):
+        for static, arg in zip(inputs, args):
+            if static is not None:
+                static.copy_(arg)
+        graph.replay()
+        return outputs
+    return replay
+
+
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4,
                   group_size: int = -1, sym: bool = False, act_order: bool = False,
                   static_groups: bool = False, dim: str = "oc", block_size: int = 128,
-                  percdamp: float = 0.01) -> tuple[QuantizedWeight, torch.Tensor]:
+                  percdamp: float = 0.01, cuda_graph: bool = True) -> tuple[QuantizedWeight, torch.Tensor]:
     """GPTQ of a [out, in] weight given H = 2/N sum x x^T [in, in]; returns (codes, W_hat).
 
     act_order processes columns by descending diag H. With dim "oc" and group_size > 0, groups
@@ -73,7 +142,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4,
     fitted up front from the whole W, groups in natural order). The block size is rounded to a
     multiple of a dynamic group size so a group never straddles a lazy update. With dim "ic"
     (AdaDim) each column gets its own grid, groups running along the output dim, fitted just in
-    time from the error-compensated column.
+    time from the error-compensated column. ``cuda_graph``: on a CUDA weight, each block's
+    per-column kernels replay from a CUDA graph (the same bits); False launches them one by one.
     """
     check_bits(bits)
     _check_inputs(weight, hessian, dim, static_groups, block_size)
@@ -102,33 +172,22 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4,
             else torch.arange(cols, device=W.device))
     W, H = W[:, perm], H[perm][:, perm]
     U = inverse_hessian_cholesky(H, percdamp)
-    col_group = natural_g_idx(cols, group_size)[perm.cpu()].tolist()  # natural group per column
+    col_group = natural_g_idx(cols, group_size, W.device)[perm] if upfront else None
 
     codes = torch.empty_like(W)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1, U1 = W[:, i1:i2], U[i1:i2, i1:i2]  # views: W1 takes the in-block updates
-        err1 = W.new_empty(rows, i2 - i1)
-        for i in range(i2 - i1):
-            k = i1 + i
-            w = W1[:, i]
-            if per_ic:
-                s, z = minmax_params(w.reshape(n_groups, -1), bits, sym)
-                scales[k], zeros[k] = s[:, 0], z[:, 0]
-                s = s.expand(-1, rows // n_groups).reshape(-1)
-                z = z.expand(-1, rows // n_groups).reshape(-1)
-            elif dynamic:
-                if k % group_size == 0:
-                    s, z = minmax_params(W1[:, i:i + group_size], bits, sym)
-                    scales[:, k // group_size], zeros[:, k // group_size] = s[:, 0], z[:, 0]
-                    s, z = s[:, 0], z[:, 0]
-            else:
-                s, z = scales[:, col_group[k]], zeros[:, col_group[k]]
-            q = quantize_codes(w, s, z, bits)
-            codes[:, k] = q
-            err = (w - dequantize_codes(q, s, z)) / U1[i, i]
-            W1[:, i + 1:].addr_(err, U1[i, i + 1:], alpha=-1)
-            err1[:, i] = err
+        grid = (scales[:, col_group[i1:i2]], zeros[:, col_group[i1:i2]]) if upfront else (None, None)
+        solve = (_block_graph(W.device, dtype, rows, i2 - i1, upfront, bits, sym, group_size, per_ic)
+                 if cuda_graph and W.is_cuda else
+                 functools.partial(_solve_block, bits=bits, sym=sym, group_size=group_size, per_ic=per_ic))
+        codes1, err1, scales1, zeros1 = solve(W[:, i1:i2], U[i1:i2, i1:i2], *grid)
+        codes[:, i1:i2] = codes1
+        if per_ic:
+            scales[i1:i2], zeros[i1:i2] = scales1, zeros1
+        elif dynamic:
+            scales[:, i1 // group_size:i2 // group_size] = scales1
+            zeros[:, i1 // group_size:i2 // group_size] = zeros1
         W[:, i2:].addmm_(err1, U[i1:i2, i2:], alpha=-1)
 
     inv = torch.argsort(perm)

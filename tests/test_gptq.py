@@ -109,6 +109,19 @@ def test_blocked_matches_float64_transcription(group_size, static, act_order, di
     assert (W_hat32.double() - W_ref).norm() < 0.05 * (W.double() - W_ref).norm()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("group_size,static,act_order,dim,block_size,sym", CASES)
+def test_cuda_graph_solve_equals_eager_bit_for_bit(group_size, static, act_order, dim, block_size, sym):
+    kw = dict(bits=4, group_size=group_size, sym=sym, act_order=act_order, static_groups=static,
+              dim=dim, block_size=block_size)
+    for seed in range(2):  # the second layer replays the graphs the first one captured
+        W, _, H = correlated_layer(16, 40, 200, seed=seed, dead=(5, 33))
+        got, want = (gptq_quantize(W.cuda(), H.cuda(), cuda_graph=g, **kw) for g in (True, False))
+        for field in ("codes", "scales", "zeros", "g_idx"):
+            assert torch.equal(getattr(got[0], field), getattr(want[0], field)), field
+        assert torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("bits,group_size", [(3, -1), (4, -1), (4, 32)])
 def test_gptq_output_error_below_rtn(bits, group_size):
     W, X, H = correlated_layer(48, 128, 1024, seed=bits + group_size)

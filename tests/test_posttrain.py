@@ -75,14 +75,14 @@ def logits_of_checkpoint(path):
     return model(torch.arange(16)[None] % 96)
 
 
-def tiny_model(qat: bool):
+def tiny_model(qat: bool, model_over: dict | None = None):
     from model.gpt import build_gpt
     from pretrain.config import config_from_dict
     from pretrain.parallel import ParallelConfig, init_distributed
     from qat.quantizer import attach_qat
 
     init_distributed(ParallelConfig())
-    cfg = config_from_dict({**TINY, "qat": {"enabled": qat}})
+    cfg = config_from_dict({**TINY, "model": {**TINY["model"], **(model_over or {})}, "qat": {"enabled": qat}})
     torch.manual_seed(0)
     model = build_gpt(cfg.model)
     attach_qat(model, cfg.qat)
@@ -112,6 +112,43 @@ def test_distributed_gptq_equals_one_rank_bit_for_bit(method):
                     assert torch.equal(fields[name][field], t), (world, name, field)
             for name, t in one[1].items():                # the dequantized model
                 assert torch.equal(state[name], t), (world, name)
+
+
+def gptq_reused_and_recomputed(model_over):
+    """Per method, (fields, dequantized model, completed calls of each linear) of quantize_model
+    with and without reusing the block's earlier passes."""
+    from model.gpt import linears
+    from quant.gptq import QuantSpec, quantize_model
+
+    windows = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for method in ("gptq", "adadim-gptq"):
+        for reuse in (True, False):
+            _, model = tiny_model(qat=True, model_over=model_over)
+            calls = dict.fromkeys((n for n, _ in linears(model)), 0)
+            for n, linear in linears(model):
+                linear.register_forward_hook(lambda m, a, y, n=n: calls.__setitem__(n, calls[n] + 1))
+            results, _ = quantize_model(model, windows, QuantSpec(method, 4, group_size=8, act_order=True),
+                                        batch_size=2, reuse=reuse)
+            fields = {name: {f: getattr(q, f) for f in ("codes", "scales", "zeros", "g_idx")}
+                      for name, q in results.items()}
+            runs[method, reuse] = fields, dict(model.named_parameters()), calls
+    return runs
+
+
+@pytest.mark.parametrize("model_over", [{}, {"mlp": "swiglu", "positions": "rope", "norm": "rmsnorm", "bias": False}])
+def test_reusing_earlier_passes_equals_recomputing_bit_for_bit(model_over):
+    runs = run_distributed(gptq_reused_and_recomputed, 1, model_over)[0]
+    for method in ("gptq", "adadim-gptq"):
+        (fields, state, calls), (ref_fields, ref_state, ref_calls) = runs[method, True], runs[method, False]
+        for name, want in ref_fields.items():
+            for field, t in want.items():
+                assert torch.equal(fields[name][field], t), (method, name, field)
+        for name, t in ref_state.items():
+            assert torch.equal(state[name], t), (method, name)
+        blocks = {n: c for n, c in calls.items() if n.startswith("blocks.")}
+        assert set(blocks.values()) == {4}                # each block linear once per batch (4 batches);
+        assert ref_calls["blocks.0.attn.qkv"] == 4 * 4    # recomputing runs qkv in 3 later passes + the outputs
 
 
 def evaluation_checks():
