@@ -9,7 +9,7 @@ computation, can be checked for bit-identical results; then (rank 0, unless --no
     torchrun --nproc-per-node 2 bench/gptq.py --config configs/1b.yaml --no-gemm
     python bench/gptq.py --dry-run        # configs/tiny.yaml, 8 windows, no GEMM: runs on CPU too
 
-Variants (quant.gptq.quantize_model's speed options; each starts from the same initial weights, in
+Variants (quant.quantize.quantize_model's speed options; each starts from the same initial weights, in
 the order given): reference = every calibration pass recomputes the block from its input and the
 solver launches its kernels one by one (the float operations of the path before issue 14); fast =
 the defaults (passes reuse earlier ones: the forward phase; solver blocks replayed from CUDA graphs:
@@ -91,7 +91,7 @@ def main():
     from model.gpt import build_gpt
     from pretrain.config import load_config
     from pretrain.parallel import ParallelConfig, init_distributed
-    from quant.gptq import QuantSpec, quantize_model
+    from quant.quantize import QuantSpec, quantize_model
 
     init_distributed(ParallelConfig())
     rank, world = dist.get_rank(), dist.get_world_size()

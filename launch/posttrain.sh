@@ -7,8 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUN=$1; OUT=${2:-$RUN/posttrain}; shift $(( $# < 2 ? $# : 2 )); [ "${1:-}" = "--" ] && shift
 mkdir -p "$OUT"
-if [ "${NPROC:-1}" -gt 1 ]; then GPTQ=(torchrun --standalone --nproc-per-node "$NPROC" -m quant.gptq)
-else GPTQ=(python -m quant.gptq); fi
+if [ "${NPROC:-1}" -gt 1 ]; then GPTQ=(torchrun --standalone --nproc-per-node "$NPROC" -m quant.quantize)
+else GPTQ=(python -m quant.quantize); fi
 "${GPTQ[@]}" --checkpoint "$RUN" --output "$OUT/w4-${METHOD:-gptq}" --method "${METHOD:-gptq}" --bits 4 \
     --nsamples "${NSAMPLES:-128}"
 python -m quant.evaluate --checkpoint "$RUN" --quantized "$OUT/w4-${METHOD:-gptq}" --output "$OUT/eval.json" "$@"

@@ -4,7 +4,7 @@ Every block linear (qkv, proj, fc1, fc2) gets an evaluation-time object in its `
 slot with the same ``run(linear, x)`` interface as the QAT quantizer, and its weight replaced by
 the dequantized weight of its integer codes. Embeddings and the LM head stay 16-bit.
 
-- weights: codes from a quantized checkpoint (quant.gptq) when it has this bit width, else
+- weights: codes from a quantized checkpoint (quant.quantize) when it has this bit width, else
   min-max RTN per output channel (asymmetric; 8 bits: symmetric int8 vector-wise, quant.int8).
 - activations of a QAT model, at any width below 16: its learned static clip range on that width's
   grid, by the training quantizer itself (at the QAT width "native A4": an fp32 model on CPU gets
@@ -83,7 +83,7 @@ def act_quantizer(bits: int, clip: Optional[torch.Tensor]) -> Optional[ActQuant]
 @torch.no_grad()
 def convert(model, weights: int, acts: int, quantized: Optional[dict[str, QuantizedWeight]] = None) -> dict[str, str]:
     """Make ``model`` (TP=1, QAT quantizers as loaded) compute with ``weights``-bit weights and
-    ``acts``-bit activations, in place. ``quantized``: codes by linear name (from quant.gptq).
+    ``acts``-bit activations, in place. ``quantized``: codes by linear name (from quant.quantize).
     Returns {"weights": source, "acts": quantizer kind} describing what was done (a QAT model's
     16-bit activations: QUANTIZERS_OFF)."""
     for bits, what in ((weights, "weights"), (acts, "acts")):

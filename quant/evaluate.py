@@ -94,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from quant.tasks import TASKS
     p = argparse.ArgumentParser(prog="python -m quant.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir")
-    p.add_argument("--quantized", help="output dir of python -m quant.gptq (weights of its bit width)")
+    p.add_argument("--quantized", help="output dir of python -m quant.quantize (weights of its bit width)")
     p.add_argument("--weights", type=int, choices=(16, 8, 4), help="one configuration (with --acts), "
                    "evaluated next to W16A16; default: all of " + ", ".join(CONFIGS))
     p.add_argument("--acts", type=int, choices=(16, 8, 4))
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from data_prep.tokenizer import load_tokenizer
     from pretrain.parallel import ParallelConfig, init_distributed
-    from quant import gptq
+    from quant import quantize
     from quant.convert import convert
     from quant.corpora import perplexity_sets
     from quant.load import build_model, load_checkpoint
@@ -150,7 +150,7 @@ def main(argv=None) -> dict:
     ckpt = load_checkpoint(args.checkpoint)      # both refused before any work
     quantized, manifest = {}, None
     if args.quantized:
-        quantized, _, manifest = gptq.load(args.quantized)
+        quantized, _, manifest = quantize.load(args.quantized)
         check_source(manifest, ckpt, args.quantized)
     init_distributed(ParallelConfig())
     cfg = ckpt.config

@@ -14,7 +14,7 @@ anything else is refused before anything is written. The directory holds ``confi
 ``model.safetensors``, ``generation_config.json`` and the tokenizer (``tokenizer.json`` built from
 the SentencePiece model so that ``AutoTokenizer`` gives data_prep's ids: no BOS/EOS added, special
 tokens in text encoded as text; and the ``tokenizer.model`` itself). With ``--quantized`` (a
-quant.gptq output) the block linears hold the dequantized weights. The QAT clips and the weight
+quant.quantize output) the block linears hold the dequantized weights. The QAT clips and the weight
 quantization settings are recorded under ``w4a4`` in config.json (docs/DESIGN.md); transformers
 ignores that key and runs 16-bit activations, which for a QAT model is quant.convert.QUANTIZERS_OFF.
 The directory is written under a temporary name beside ``--output`` and renamed into place.
@@ -216,7 +216,7 @@ def write(output: str, model_files) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m quant.export", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir (newest complete)")
-    p.add_argument("--quantized", help="output dir of python -m quant.gptq: export its dequantized weights")
+    p.add_argument("--quantized", help="output dir of python -m quant.quantize: export its dequantized weights")
     p.add_argument("--output", required=True, help="new (or empty) directory for the transformers model")
     p.add_argument("--tokenizer", help="the SentencePiece .model (default: the checkpoint's data.tokenizer; "
                    "checked against its recorded hash)")
@@ -232,7 +232,7 @@ def main(argv=None) -> None:
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from quant import gptq
+    from quant import quantize
     from quant.evaluate import check_source
     from quant.load import load_checkpoint
 
@@ -244,7 +244,7 @@ def main(argv=None) -> None:
     clips = {k.removesuffix(".input_quant.clip"): t for k, t in state.items() if k.endswith(".input_quant.clip")}
     manifest = None
     if args.quantized:
-        layers, clips, manifest = gptq.load(args.quantized)
+        layers, clips, manifest = quantize.load(args.quantized)
         check_source(manifest, ckpt, args.quantized)
         for name, q in layers.items():
             key = f"{name}.linear.weight"

@@ -7,7 +7,7 @@ each stored column), in the stored orientation of quant.rtn.QuantizedWeight. Ext
 (e.g. the QAT clip values) go under ``extra.<key>``. The manifest (metadata key
 ``quant_manifest``) records the method, act-order, bits/group size/sym (null where layers
 differ), per layer its shape, bits, group size, sym, AdaDim dim and packing, and under ``info`` any
-JSON the writer adds (``quant.gptq`` puts the source checkpoint's config there). Loading reads
+JSON the writer adds (``quant.quantize`` puts the source checkpoint's config there). Loading reads
 only safetensors and JSON (nothing is unpickled) and checks the file against the manifest.
 """
 import json

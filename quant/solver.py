@@ -1,5 +1,5 @@
 """GPTQ for one linear layer, as a pure function of its weight and input Hessian (the solver
-behind `python -m quant.gptq`, which runs it block by block over a model).
+behind `python -m quant.quantize`, which runs it block by block over a model).
 
 Follows Frantar et al. (2022): quantize columns one at a time and push each column's rounding
 error onto the not yet quantized columns through the upper Cholesky factor of H^-1, in blocks of

@@ -1,7 +1,7 @@
 """Run a recipe study: ``python -m study --plan configs/study/w4a4-125m.yaml --out runs/study``.
 
 Every run of the plan (arm x seed x length) is pretrained, and at each evaluation point quantized
-(quant.gptq), evaluated (quant.evaluate) and analyzed (quant.analyze); each run's numbers land in
+(quant.quantize), evaluated (quant.evaluate) and analyzed (quant.analyze); each run's numbers land in
 OUT/arms/<run id>/result.json, and OUT/report.md, summary.json and the plots are made at the end
 (or any time with ``python -m study.report OUT``). A rerun skips complete runs and continues partial
 ones. SIGTERM / SIGUSR1 make the training processes save and the study stop (exit 0; a rerun

@@ -15,7 +15,7 @@ import yaml
 
 from pretrain.config import Config, ConfigError, dataclass_from_dict, load_config, validate
 from quant.evaluate import parse_config
-from quant.gptq import QuantSpec
+from quant.quantize import QuantSpec
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -35,7 +35,7 @@ class DataPrep:
 
 @dataclass
 class PostTrain:
-    """One entry of `posttrain:`: weights by ``python -m quant.gptq``, then ``quant.evaluate`` of
+    """One entry of `posttrain:`: weights by ``python -m quant.quantize``, then ``quant.evaluate`` of
     `configs` with those weights (at other weight widths it uses its own RTN / int8)."""
     name: str                        # key of this spec's results (e.g. gptq-w4g128)
     method: str = "gptq"             # rtn | gptq | adadim-rtn | adadim-gptq

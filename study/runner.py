@@ -280,7 +280,7 @@ class Runner:
             gptq = ["--checkpoint", step_dir, "--output", qdir, "--method", spec.method, "--bits", str(spec.bits),
                     "--group-size", str(spec.group_size), "--nsamples", str(spec.nsamples),
                     "--batch-size", str(ev.batch_size)] + (["--act-order"] if spec.act_order else [])
-            self._call(self._cmd("quant.gptq", *gptq), os.path.join(logs, f"gptq-{spec.name}.log"), env)
+            self._call(self._cmd("quant.quantize", *gptq), os.path.join(logs, f"gptq-{spec.name}.log"), env)
             out = os.path.join(qdir, "eval.json")
             evaluate = ["--checkpoint", step_dir, "--quantized", qdir, "--configs", *spec.configs,
                         "--tasks", *ev.tasks, "--batch-size", str(ev.batch_size), "--output", out]

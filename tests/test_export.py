@@ -43,7 +43,7 @@ def reference(paths, quantized=None, task_limit=0):
     with ``quantized``'s weights when given; and our GPTLM's lambada_openai metrics on the first."""
     from data_prep.tokenizer import load_tokenizer
     from pretrain.parallel import ParallelConfig, init_distributed
-    from quant import gptq
+    from quant import quantize
     from quant.convert import convert
     from quant.lm_eval_adapter import GPTLM, run_tasks
     from quant.load import build_model, load_checkpoint
@@ -53,7 +53,7 @@ def reference(paths, quantized=None, task_limit=0):
     for path in paths:
         ckpt = load_checkpoint(path)
         model = build_model(ckpt)
-        convert(model, 4 if quantized else 16, 16, gptq.load(quantized)[0] if quantized else None)
+        convert(model, 4 if quantized else 16, 16, quantize.load(quantized)[0] if quantized else None)
         with torch.no_grad():
             logits.append(model(BATCH).transpose(0, 1))
         if task_limit and metrics is None:
@@ -143,15 +143,15 @@ def test_lm_eval_hf_model_runs_a_local_task_as_our_adapter(checkpoints, ours, mo
 
 
 def test_gptq_export_has_the_dequantized_weights_and_records_the_settings(checkpoints):
-    from quant import gptq
+    from quant import quantize
     from quant.export import main
 
     w4, hf = checkpoints / "llama-pp2-w4", checkpoints / "llama-pp2-w4-hf"
-    code, out, err = cli("quant.gptq", "--checkpoint", str(checkpoints / "llama-pp2"), "--output", str(w4),
+    code, out, err = cli("quant.quantize", "--checkpoint", str(checkpoints / "llama-pp2"), "--output", str(w4),
                          "--nsamples", "4", "--group-size", "16")
     assert code == 0, out + err
     main(["--checkpoint", str(checkpoints / "llama-pp2"), "--quantized", str(w4), "--output", str(hf)])
-    layers, clips, _ = gptq.load(str(w4))
+    layers, clips, _ = quantize.load(str(w4))
     from safetensors.torch import load_file
     tensors = load_file(hf / "model.safetensors")
     for i in range(2):

@@ -75,7 +75,7 @@ def test_the_entry_points_print_no_library_noise(tmp_path):
                             "--output-prefix", str(data / "train"), "--workers", "2", "--append-eod")}
     logs["train"] = run("pretrain.train", *train_args(str(data), str(run_dir), "--train.steps", "2",
                                                       "--data.valid_paths", f"[{data / 'train'}]"), torchrun=2)
-    logs["gptq"] = run("quant.gptq", "--checkpoint", str(run_dir), "--output", str(tmp_path / "w4"), "--nsamples", "2")
+    logs["gptq"] = run("quant.quantize", "--checkpoint", str(run_dir), "--output", str(tmp_path / "w4"), "--nsamples", "2")
     logs["evaluate"] = run("quant.evaluate", "--checkpoint", str(run_dir), "--quantized", str(tmp_path / "w4"),
                            "--configs", "W4A4", "--tasks", "piqa", "--limit", "2", "--ppl-windows", "2")
     logs["analyze"] = run("quant.analyze", "--checkpoint", str(run_dir), "--output", str(tmp_path / "analysis"),

@@ -90,7 +90,7 @@ def tiny_model(qat: bool, model_over: dict | None = None):
 
 
 def gptq_on_ranks(method):
-    from quant.gptq import QuantSpec, quantize_model
+    from quant.quantize import QuantSpec, quantize_model
 
     _, model = tiny_model(qat=True)
     windows = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
@@ -118,7 +118,7 @@ def gptq_reused_and_recomputed(model_over):
     """Per method, (fields, dequantized model, completed calls of each linear) of quantize_model
     with and without reusing the block's earlier passes."""
     from model.gpt import linears
-    from quant.gptq import QuantSpec, quantize_model
+    from quant.quantize import QuantSpec, quantize_model
 
     windows = torch.randint(0, 96, (8, 16), generator=torch.Generator().manual_seed(1))
     runs = {}

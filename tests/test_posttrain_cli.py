@@ -10,7 +10,7 @@ import pytest
 
 from tests.data_utils import ENV, ROOT, finish, single, tiny_data, torchrun, train_args
 
-CLIS = ("quant.gptq", "quant.evaluate", "quant.analyze")
+CLIS = ("quant.quantize", "quant.evaluate", "quant.analyze")
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
         code, log = finish(single(train_args(data, str(root / name), "--train.steps", "2",
                                              "--model.num_layers", layers)))
         assert code == 0, log
-    code, out, err = cli("quant.gptq", "--checkpoint", str(root / "a"), "--output", str(root / "a-w4"),
+    code, out, err = cli("quant.quantize", "--checkpoint", str(root / "a"), "--output", str(root / "a-w4"),
                          "--method", "rtn")
     assert code == 0, out + err
     return root
@@ -34,7 +34,7 @@ def cli(module, *args):
 
 
 def refused(module, checkpoint, tmp_path):
-    args = {"quant.gptq": ["--output", str(tmp_path / "w4"), "--method", "rtn"],
+    args = {"quant.quantize": ["--output", str(tmp_path / "w4"), "--method", "rtn"],
             "quant.evaluate": ["--tasks", "--ppl-windows", "1"],
             "quant.analyze": ["--output", str(tmp_path / "analysis")]}[module]
     code, out, err = cli(module, "--checkpoint", str(checkpoint), *args)
@@ -85,7 +85,7 @@ def test_quantized_weights_of_another_model_or_none_are_refused(runs, tmp_path):
                                 f"{step_dir(runs / 'b')} (model.num_layers: 2 there, 1 here)"]
     code, out, err = cli("quant.evaluate", "--checkpoint", str(runs / "a"), "--quantized", str(tmp_path), "--tasks")
     assert code == 2 and err.splitlines() == [
-        f"checkpoint error: {tmp_path} holds no model.safetensors; write it with python -m quant.gptq"], out + err
+        f"checkpoint error: {tmp_path} holds no model.safetensors; write it with python -m quant.quantize"], out + err
 
 
 def test_a_missing_shard_under_torchrun_is_one_line_per_rank(runs, tmp_path):
@@ -93,7 +93,7 @@ def test_a_missing_shard_under_torchrun_is_one_line_per_rank(runs, tmp_path):
     shutil.copytree(runs / "a", run)
     (step_dir(run) / "mp_rank_00_model_states.pt").unlink()
     code, log = finish(torchrun(2, ["--checkpoint", str(run), "--output", str(tmp_path / "w4"), "--method", "rtn"],
-                                module="quant.gptq", env=ENV))
+                                module="quant.quantize", env=ENV))
     line = f"checkpoint error: checkpoint {step_dir(run)} does not verify: mp_rank_00_model_states.pt is missing"
     assert code != 0 and "exitcode  : 2" in log and log.count(line) == 2, log
     assert "[rank0]" not in log and "[rank1]" not in log, log

@@ -49,7 +49,7 @@ def requantize(run_dir, nsamples, seed):
     from data_prep.tokenizer import load_tokenizer
     from pretrain.parallel import ParallelConfig, init_distributed
     from quant.corpora import calibration_windows
-    from quant.gptq import QuantSpec, quantize_model
+    from quant.quantize import QuantSpec, quantize_model
     from quant.load import build_model, load_checkpoint
 
     init_distributed(ParallelConfig())
@@ -61,14 +61,14 @@ def requantize(run_dir, nsamples, seed):
 
 
 def test_train_quantize_evaluate_analyze(runs, tmp_path):
-    from quant import gptq
+    from quant import quantize
 
     for name, run in runs.items():
         qdir = str(tmp_path / f"{name}-w4")
-        log = cli("quant.gptq", "--checkpoint", run, "--output", qdir, "--method", "gptq", "--bits", "4",
+        log = cli("quant.quantize", "--checkpoint", run, "--output", qdir, "--method", "gptq", "--bits", "4",
                   "--group-size", "32", "--act-order", "--nsamples", "8", "--seed", "3")
         assert "hessian+solve seconds" in log and "total seconds" in log
-        layers, clips, manifest = gptq.load(qdir)
+        layers, clips, manifest = quantize.load(qdir)
         assert manifest["info"]["config"]["qat"]["enabled"] == (name == "qat")
         assert manifest["info"]["calibration"]["nsamples"] == 8
         assert len(clips) == (4 * 2 if name == "qat" else 0)

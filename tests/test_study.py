@@ -317,7 +317,7 @@ def test_a_failed_piece_keeps_the_others_and_training_goes_on(tmp_path, monkeypa
 
     def failing(self, cmd, logfile, env=None):
         if "rtn" in cmd:
-            raise RunFailed("quant.gptq --checkpoint exited 1; planted")
+            raise RunFailed("quant.quantize --checkpoint exited 1; planted")
         return call(self, cmd, logfile, env)
     monkeypatch.setattr(Runner, "_call", failing)
     run = next(r for r in plan.runs() if r.arm == "baseline")

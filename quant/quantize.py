@@ -1,7 +1,7 @@
-"""Post-training weight quantization of a pretrain checkpoint: ``python -m quant.gptq``.
+"""Post-training weight quantization of a pretrain checkpoint: ``python -m quant.quantize``.
 
-    python -m quant.gptq --checkpoint runs/demo --output runs/demo/w4-gptq --method gptq --bits 4
-    torchrun --nproc-per-node 8 -m quant.gptq ...      # calibration and solves spread over ranks
+    python -m quant.quantize --checkpoint runs/demo --output runs/demo/w4-gptq --method gptq --bits 4
+    torchrun --nproc-per-node 8 -m quant.quantize ...      # calibration and solves spread over ranks
 
 The block linears (qkv, proj, fc1, fc2) are quantized; embeddings and the LM head stay 16-bit
 (the GPTQ convention). Block by block, in true-sequential order (qkv -> proj -> fc1 -> fc2), each
@@ -251,7 +251,7 @@ def load(output: str, device="cpu"):
 
     path = os.path.join(output, QUANTIZED_FILE)
     if not os.path.isfile(path):
-        raise CheckpointError(f"{output} holds no {QUANTIZED_FILE}; write it with python -m quant.gptq")
+        raise CheckpointError(f"{output} holds no {QUANTIZED_FILE}; write it with python -m quant.quantize")
     try:
         ckpt = load_quantized(path, device)
     except (ValueError, SafetensorError) as e:   # a file that does not match its manifest; a broken file
@@ -261,7 +261,7 @@ def load(output: str, device="cpu"):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m quant.gptq", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m quant.quantize", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="run dir, checkpoints dir or step dir (newest complete)")
     p.add_argument("--output", required=True, help="directory for model.safetensors + manifest.json")
     p.add_argument("--method", choices=METHODS, default="gptq")
