@@ -11,7 +11,7 @@ to be kept and the ordering of the two choices is the same.
 """
 import torch
 
-from quant.solver import gptq_quantize
+from quant.gptq import gptq_quantize
 from quant.rtn import DIMS, QuantizedWeight, rtn_quantize
 
 METHODS = ("rtn", "gptq")

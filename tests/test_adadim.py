@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from quant.adadim import adadim_quantize, choose_dim, output_error
-from quant.solver import gptq_quantize
+from quant.gptq import gptq_quantize
 from quant.rtn import rtn_quantize
 
 N, OUT, IN = 512, 64, 64

@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 
-from quant.solver import gptq_quantize
+from quant.gptq import gptq_quantize
 from quant.rtn import rtn_quantize
 from tests.test_rtn import ref_code, ref_params
 
@@ -142,7 +142,7 @@ def test_gptq_output_error_below_rtn(bits, group_size):
 def test_singular_hessian_retries_dampening(caplog):
     W = torch.randn(8, 16)
     H = torch.full((16, 16), 2.0)  # rank one: Cholesky meets an exact zero pivot
-    with caplog.at_level(logging.WARNING, logger="quant.solver"):
+    with caplog.at_level(logging.WARNING, logger="quant.gptq"):
         qw, W_hat = gptq_quantize(W, H, bits=4, percdamp=0.0)
     assert "retrying" in caplog.text
     assert torch.isfinite(W_hat).all() and torch.isfinite(qw.scales).all()
@@ -150,7 +150,7 @@ def test_singular_hessian_retries_dampening(caplog):
     off = 3 * torch.diag(torch.ones(15), 1)
     indefinite = torch.eye(16) + off + off.T
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="quant.solver"):
+    with caplog.at_level(logging.WARNING, logger="quant.gptq"):
         _, W_hat = gptq_quantize(W, indefinite, bits=4)
     assert caplog.text.count("retrying") >= 2 and torch.isfinite(W_hat).all()
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from quant.solver import gptq_quantize
+from quant.gptq import gptq_quantize
 from quant.hessian import (HessianAccumulator, quantize_distributed, rank_windows,
                            reduce_hessian)
 from tests.dist_utils import run_distributed

@@ -6,7 +6,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from quant.solver import gptq_quantize
+from quant.gptq import gptq_quantize
 from quant.packing import MANIFEST_KEY, load_quantized, pack_codes, save_quantized, unpack_codes
 from quant.rtn import rtn_quantize
 

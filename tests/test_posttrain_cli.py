@@ -97,3 +97,9 @@ def test_a_missing_shard_under_torchrun_is_one_line_per_rank(runs, tmp_path):
     line = f"checkpoint error: checkpoint {step_dir(run)} does not verify: mp_rank_00_model_states.pt is missing"
     assert code != 0 and "exitcode  : 2" in log and log.count(line) == 2, log
     assert "[rank0]" not in log and "[rank1]" not in log, log
+
+
+def test_the_old_cli_name_points_to_the_new_one():
+    code, out, err = cli("quant.gptq", "--checkpoint", "runs/demo")
+    assert code == 1 and err.strip().splitlines() == [
+        "python -m quant.gptq: the quantization command is python -m quant.quantize (quant.gptq is the algorithm)"]

@@ -200,3 +200,8 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, bits: int = 4,
             else natural_g_idx(cols, group_size, W.device)
         qw = pack_result(codes, scales, zeros, g_idx, bits, group_size, sym, dim)
     return qw, qw.dequantize(dtype)
+
+
+if __name__ == "__main__":      # this was the CLI's name until the layout of issue 17
+    raise SystemExit("python -m quant.gptq: the quantization command is python -m quant.quantize "
+                     "(quant.gptq is the algorithm)")
