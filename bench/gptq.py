@@ -31,7 +31,7 @@ import quiet  # noqa: E402,F401  (first: silences known library noise before any
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from quant.rtn import QuantizedWeight  # noqa: E402
+from quant.grid import QuantizedWeight  # noqa: E402
 
 VARIANTS = {"reference": dict(reuse=False, cuda_graph=False), "fast": dict(reuse=True, cuda_graph=True)}
 

@@ -10,7 +10,7 @@ implementation and, for the quantizers, registered autograd: under torch.compile
 functions call those, so a compiled graph holds them without breaks; eager keeps the autograd
 functions (a custom op's eager dispatch costs ~1.6× their host time). Both run the same implementations.
 """
-from .act_quant import act_fake_quant
+from .mlp_act import act_fake_quant
 from .fake_quant import fake_quant, fake_quant_backward, fake_quant_forward
 from .kurtosis import KURTOSIS_EPS, token_kurtosis, token_kurtosis_grad, token_kurtosis_stats
 from .norm_quant import norm_fake_quant

@@ -9,7 +9,7 @@ Backward: the exact derivative of the straight-through surrogate
 The math lives in Triton helpers that the fused kernels of this package share (:func:`load_clip`,
 :func:`quantize`, and for the backward :func:`_quantize_grad_acc`), beside PyTorch twins of the
 same fp32 operations (:func:`quantize_torch`, :func:`quantize_grad_torch`); kernels that fuse the
-quantizer into its producer (``kernels.norm_quant``, ``kernels.act_quant``) are built from them.
+quantizer into its producer (``kernels.norm_quant``, ``kernels.mlp_act``) are built from them.
 Clip gradients are summed per program, then by :func:`clip_grad_from_partials` in a fixed order:
 deterministic, no atomics. Divisions are per program, not per element (IEEE division would cost
 more than the memory traffic): round(z) / s is computed as round(z) * ((c_hi - c_lo) / n).
@@ -40,7 +40,7 @@ MAX_BITS = 16  # keeps z below 2^22, where the magic-number rounding below is ex
 _ROUND_MAGIC = tl.constexpr(12582912.0)
 _TILE = 4096            # elements per program and tile
 # Backward launch settings, measured on one H200 (bf16, CUDA-graph replay, the previous kernel
-# beside it, settings as in bench/kernels_sweep.py; 2026-11-24): 4096 elements per program (one tile) on 8 warps: 0.0516 ms =
+# beside it, settings as in bench/kernel_sweep.py; 2026-11-24): 4096 elements per program (one tile) on 8 warps: 0.0516 ms =
 # 0.96 of a device copy at 16384 x 2048 contiguous (was 0.0643 ms = 0.77), 0.0523 ms = 0.95 on the
 # attention-output layout (was 0.0656 = 0.76), 0.196-0.200 ms = 0.96 at 16384 x 8192 (was 0.93).
 # 4 warps measured the same, 2048-element programs 1-2% slower, 8192-16384 5-10%; more tiles per
@@ -416,7 +416,7 @@ def _forward_triton(x, clip, bits, clipped=None):
 
 
 def _backward_triton(x, g, clip, bits, tiles=_BWD_TILES, num_warps=_BWD_WARPS, block=_BWD_BLOCK, trigger=True):
-    """Launch settings are arguments only so that bench/kernels_sweep.py can tune them. trigger (on
+    """Launch settings are arguments only so that bench/kernel_sweep.py can tune them. trigger (on
     CUDA): the programs let the second stage launch early (gdc_launch_dependents)."""
     x, (n_i, n_j, x_stride_i, x_stride_j) = _as_rows(x)
     g = g.contiguous()

@@ -165,7 +165,7 @@ _MOMENTS_ELEMS_PER_WARP = 2048  # 64 per thread: more warps per row stall the lo
 def _moments_launch(n_cols, num_warps=None):
     """Moments launch settings from the row width alone: few warps per row (about
     _MOMENTS_ELEMS_PER_WARP channels each; at 2048, 2 warps were 7 % slower, 4 warps 20 %).
-    The override exists for bench/kernels_sweep.py."""
+    The override exists for bench/kernel_sweep.py."""
     block = triton.next_power_of_2(n_cols)
     if num_warps is None:
         num_warps = min(16, max(1, block // _MOMENTS_ELEMS_PER_WARP))

@@ -12,7 +12,7 @@ to be kept and the ordering of the two choices is the same.
 import torch
 
 from quant.gptq import gptq_quantize
-from quant.rtn import DIMS, QuantizedWeight, rtn_quantize
+from quant.grid import DIMS, QuantizedWeight, rtn_quantize
 
 METHODS = ("rtn", "gptq")
 

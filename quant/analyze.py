@@ -25,7 +25,7 @@ import time
 import torch
 
 from kernels import token_kurtosis
-from quant.actquant import fake_quant_per_token, fake_quant_static_clip
+from quant.activations import fake_quant_per_token, fake_quant_static_clip
 
 log = logging.getLogger("quant")
 OUTLIER_FACTOR, INT8_THRESHOLD, INT8_TOKENS, INT8_LAYERS = 6.0, 6.0, 0.06, 0.25

@@ -24,9 +24,9 @@ from typing import Callable, Optional
 
 import torch
 
-from quant.actquant import fake_quant_per_token, fake_quant_static_clip
+from quant.activations import fake_quant_per_token, fake_quant_static_clip
 from quant.int8 import quantize_weight_int8, w8a8_linear
-from quant.rtn import QuantizedWeight, rtn_quantize
+from quant.grid import QuantizedWeight, rtn_quantize
 
 # Name suffixes of a block's linears, in forward (GPTQ true-sequential) order.
 BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")

@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from quant.rtn import (DIMS, QuantizedWeight, check_bits, check_finite, dequantize_codes,
+from quant.grid import (DIMS, QuantizedWeight, check_bits, check_finite, dequantize_codes,
                        group_count, minmax_params, natural_g_idx, pack_result, quantize_codes)
 
 log = logging.getLogger(__name__)

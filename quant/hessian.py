@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
-from quant.rtn import QuantizedWeight, check_finite
+from quant.grid import QuantizedWeight, check_finite
 
 
 class HessianAccumulator:

@@ -8,8 +8,8 @@ is computed exactly in int64. The same exact GEMM serves the W4A4 check: centred
 import torch
 import torch.nn.functional as F
 
-from quant.actquant import quantize_per_token
-from quant.rtn import require
+from quant.activations import quantize_per_token
+from quant.grid import require
 
 # torch._int_mm on CUDA: A [M, K] with M > 16, K a positive multiple of 8; B [K, N] with N a
 # positive multiple of 8 (aten/src/ATen/native/cuda/Blas.cpp). Smaller shapes are zero-padded.

@@ -3,7 +3,7 @@
 Per quantized layer ``name`` the file holds ``layer.<name>.codes`` (packed: two codes per byte,
 low nibble first, for bits <= 4 -- so 2- and 3-bit codes also take a nibble each; one code per
 uint8 for 5..8 bits), ``.scales`` (float), ``.zeros`` (uint8 zero points), ``.g_idx`` (group of
-each stored column), in the stored orientation of quant.rtn.QuantizedWeight. Extra float tensors
+each stored column), in the stored orientation of quant.grid.QuantizedWeight. Extra float tensors
 (e.g. the QAT clip values) go under ``extra.<key>``. The manifest (metadata key
 ``quant_manifest``) records the method, act-order, bits/group size/sym (null where layers
 differ), per layer its shape, bits, group size, sym, AdaDim dim and packing, and under ``info`` any
@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from quant.rtn import DIMS, QuantizedWeight, check_bits
+from quant.grid import DIMS, QuantizedWeight, check_bits
 
 FORMAT, VERSION, MANIFEST_KEY = "quantized-linear-weights", 1, "quant_manifest"
 

@@ -36,7 +36,7 @@ from quant.convert import BLOCK_LINEARS
 from quant.hessian import HessianAccumulator, quantize_distributed, rank_windows
 from quant.packing import load_quantized, save_quantized
 from qat.quantizer import InputQuantizer
-from quant.rtn import QuantizedWeight, rtn_quantize
+from quant.grid import QuantizedWeight, rtn_quantize
 from quant.gptq import gptq_quantize
 
 log = logging.getLogger("quant")

@@ -1,4 +1,4 @@
-"""The float64 reference of the learned-clip fake quantizer, shared by the tests and bench/kernels.py."""
+"""The float64 reference of the learned-clip fake quantizer, shared by the tests and bench/kernel_bandwidth.py."""
 import torch
 
 

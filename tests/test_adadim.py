@@ -4,7 +4,7 @@ import torch
 
 from quant.adadim import adadim_quantize, choose_dim, output_error
 from quant.gptq import gptq_quantize
-from quant.rtn import rtn_quantize
+from quant.grid import rtn_quantize
 
 N, OUT, IN = 512, 64, 64
 

@@ -80,7 +80,7 @@ def test_block_traces_as_one_graph_swiglu_rope_rmsnorm_no_bias():
 @pytest.mark.parametrize("impl", ["torch", "triton"])
 @pytest.mark.parametrize("count", [False, True])
 def test_custom_ops_pass_opcheck(impl, count):
-    from kernels.act_quant import _act_fake_quant_backward_op, _act_fake_quant_op
+    from kernels.mlp_act import _act_fake_quant_backward_op, _act_fake_quant_op
     from kernels.fake_quant import _fake_quant_backward_op, fake_quant_op
     from kernels.kurtosis import _grad_op, _moments_op
     from kernels.norm_quant import _norm_fake_quant_backward_op, _norm_fake_quant_op

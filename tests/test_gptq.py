@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from quant.gptq import gptq_quantize
-from quant.rtn import rtn_quantize
-from tests.test_rtn import ref_code, ref_params
+from quant.grid import rtn_quantize
+from tests.test_grid import ref_code, ref_params
 
 
 def gptq_reference(weight, hessian, bits, group_size=-1, sym=False, act_order=False,

@@ -8,13 +8,13 @@ import torch
 
 import kernels
 from kernels.fake_quant import fake_quant_forward
-from quant.actquant import fake_quant_per_token, fake_quant_static_clip, quantize_per_token
+from quant.activations import fake_quant_per_token, fake_quant_static_clip, quantize_per_token
 from quant.convert import act_quantizer
 from quant.int8 import int_gemm, quantize_int8, quantize_weight_int8, w8a8_linear
 from qat.quantizer import InputQuantizer
-from quant.rtn import rtn_quantize
+from quant.grid import rtn_quantize
 from tests.quant_utils import fake_quant64
-from tests.test_rtn import ref_rtn
+from tests.test_grid import ref_rtn
 
 
 def hand_int_product(a, b):

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from quant.gptq import gptq_quantize
 from quant.packing import MANIFEST_KEY, load_quantized, pack_codes, save_quantized, unpack_codes
-from quant.rtn import rtn_quantize
+from quant.grid import rtn_quantize
 
 
 def layers():

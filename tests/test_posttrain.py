@@ -155,7 +155,7 @@ def evaluation_checks():
     """Perplexity and the converted layers vs hand computations, on one process."""
     from quant.convert import convert
     from quant.evaluate import perplexity
-    from quant.rtn import rtn_quantize
+    from quant.grid import rtn_quantize
     from tests.quant_utils import fake_quant64
 
     _, model = tiny_model(qat=False)

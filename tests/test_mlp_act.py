@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.act_quant import (_activation_torch, _backward_triton, _gated, _load_input,
+from kernels.mlp_act import (_activation_torch, _backward_triton, _gated, _load_input,
                                act_fake_quant)
 from tests.quant_utils import fake_quant64
 
@@ -264,7 +264,7 @@ def test_backward_inverted_clips(kind):
 
 
 def _ref_backward(a, g, clip, kind):
-    from kernels.act_quant import _backward_torch
+    from kernels.mlp_act import _backward_torch
     return _backward_torch(a, g, clip, BITS, kind == "swiglu")
 
 

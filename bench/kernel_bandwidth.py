@@ -1,8 +1,8 @@
 """QAT and kurtosis kernels on one GPU: agreement with their PyTorch references, then bandwidth
 against a device copy and time against the plain (unquantized) op they replace.
 
-    python bench/kernels.py             # needs CUDA; JSON to $OUT/kernels.json when OUT is set
-    python bench/kernels.py --dry-run   # CPU: the agreement check on small shapes, no timing
+    python bench/kernel_bandwidth.py             # needs CUDA; JSON to $OUT/kernels.json when OUT is set
+    python bench/kernel_bandwidth.py --dry-run   # CPU: the agreement check on small shapes, no timing
                                         # (TRITON_INTERPRET=1 runs the Triton kernels there)
 
 Shapes are the 1b config's per micro-batch (16,384 tokens, hidden 2,048, MLP 8,192, bf16). Every
@@ -27,7 +27,7 @@ import triton.testing  # noqa: E402
 
 from kernels import act_fake_quant, fake_quant, norm_fake_quant  # noqa: E402
 # the modules, for their host wrappers (the package's names are its public functions)
-aq, fq, nq = (importlib.import_module(f"kernels.{m}") for m in ("act_quant", "fake_quant", "norm_quant"))
+aq, fq, nq = (importlib.import_module(f"kernels.{m}") for m in ("mlp_act", "fake_quant", "norm_quant"))
 from kernels.kurtosis import token_kurtosis_grad, token_kurtosis_stats  # noqa: E402
 from tests.quant_utils import fake_quant64  # noqa: E402
 
@@ -193,7 +193,7 @@ def main():
     args = parser.parse_args()
     if not torch.cuda.is_available():
         if not args.dry_run:
-            sys.exit("bench/kernels.py needs a CUDA GPU (use --dry-run for the CPU-safe part)")
+            sys.exit("bench/kernel_bandwidth.py needs a CUDA GPU (use --dry-run for the CPU-safe part)")
         impl = "triton" if os.environ.get("TRITON_INTERPRET") == "1" else "torch"
         report = check_agreement(make_inputs(64, 96, 384, "cpu"), impl)
         print(f"dry run on CPU ({impl} vs torch): {json.dumps(report, indent=1)}")

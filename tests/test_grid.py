@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from quant.rtn import rtn_quantize
+from quant.grid import rtn_quantize
 
 
 def ref_params(values, bits, sym):

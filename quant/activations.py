@@ -1,7 +1,7 @@
 """Activation quantizers for W8A8 / W4A4 evaluation.
 
 Two families: dynamic per-token min-max (integer codes plus their dequantized values, the grid
-fitted per row of the last dim at run time with the same conventions as the weights in quant.rtn)
+fitted per row of the last dim at run time with the same conventions as the weights in quant.grid)
 and the static learned clip of the QAT models ("native A4"), which is the training quantizer
 itself (kernels.fake_quant_forward): evaluation quantizes bit for bit as training does.
 """
@@ -10,7 +10,7 @@ from typing import NamedTuple
 import torch
 
 import kernels
-from quant.rtn import (check_bits, check_finite, dequantize_codes, minmax_params, quantize_codes,
+from quant.grid import (check_bits, check_finite, dequantize_codes, minmax_params, quantize_codes,
                        require)
 
 

@@ -1,11 +1,11 @@
 """Launch-setting sweep for the fake-quant, activation + fake-quant backward and kurtosis moments
 kernels, on one GPU.
 
-    python bench/kernels_sweep.py    # needs CUDA; JSON to $OUT/kernels_sweep.json if OUT is set
+    python bench/kernel_sweep.py    # needs CUDA; JSON to $OUT/kernel_sweep.json if OUT is set
 
 Each setting is checked against the kernel at its default settings (d-input bitwise, clip
 gradients and kappa to fp32 rounding) and timed (CUDA-graph replay: GPU time alone) as a fraction
-of a device copy of its input, on the same byte counts as bench/kernels.py.
+of a device copy of its input, on the same byte counts as bench/kernel_bandwidth.py.
 """
 import json
 import os
@@ -18,16 +18,16 @@ import torch  # noqa: E402
 import triton.testing  # noqa: E402
 
 from kernels import KURTOSIS_EPS  # noqa: E402
-from kernels.act_quant import _backward_triton as _act_backward_triton  # noqa: E402
+from kernels.mlp_act import _backward_triton as _act_backward_triton  # noqa: E402
 from kernels.fake_quant import _backward_triton  # noqa: E402
 from kernels.kurtosis import _moments_triton  # noqa: E402
 
 TOKENS, BITS = 16384, 4
-C_LO, C_HI = -3.8917, 4.1043  # as bench/kernels.py
+C_LO, C_HI = -3.8917, 4.1043  # as bench/kernel_bandwidth.py
 FQ_HIDDENS, KURT_HIDDENS = (2048, 8192), (1024, 2048, 3072, 4096, 8192)
 FQ_SETTINGS = ([dict(block=b, tiles=1, num_warps=w) for b in (2048, 4096, 8192) for w in (4, 8, 16)]
                + [dict(block=4096, tiles=2, num_warps=8), dict(block=4096, tiles=1, num_warps=8, trigger=False)])
-ACT_SHAPES = {"gelu": (TOKENS, 8192), "swiglu": (TOKENS, 16384)}   # a's shape, as bench/kernels.py
+ACT_SHAPES = {"gelu": (TOKENS, 8192), "swiglu": (TOKENS, 16384)}   # a's shape, as bench/kernel_bandwidth.py
 ACT_SETTINGS = [dict(block=b, tiles=t, num_warps=w, prefetch=p) for b, t in ((1024, 8), (1024, 16), (512, 16),
                                                                              (2048, 8))
                 for w in (4, 8) for p in (False, True)]
@@ -106,7 +106,7 @@ def sweep_kurtosis(hidden, rows):
 
 def main():
     if not torch.cuda.is_available():
-        sys.exit("bench/kernels_sweep.py needs a CUDA GPU")
+        sys.exit("bench/kernel_sweep.py needs a CUDA GPU")
     rows = []
     for hidden in KURT_HIDDENS:
         sweep_kurtosis(hidden, rows)
@@ -120,7 +120,7 @@ def main():
               f"{row['ms']:8.4f} ms {row['gbps']:6.0f} GB/s {row['vs_copy']:5.2f}"
               f"{'' if row['ok'] else '  MISMATCH'}")
     if os.environ.get("OUT"):
-        (Path(os.environ["OUT"]) / "kernels_sweep.json").write_text(json.dumps(rows, indent=1))
+        (Path(os.environ["OUT"]) / "kernel_sweep.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -41,9 +41,9 @@ _D2 = tl.constexpr(6 * _BETA * _KAPPA)
 _SILU_T1 = tl.constexpr(_LOG2E)
 # Launch settings measured on one H200 (bf16; GELU on 16384 x 8192, SwiGLU on 16384 x 16384):
 # forward 4096 elements of h per program on 4 warps. Backward (CUDA-graph replay, the previous
-# kernel beside it, settings as in bench/kernels_sweep.py; 2026-11-24): tiles of 1024 elements of h, the next tile's loads
+# kernel beside it, settings as in bench/kernel_sweep.py; 2026-11-24): tiles of 1024 elements of h, the next tile's loads
 # issued before the current tile's math; GELU 16 tiles per program on 4 warps: 0.211-0.220 ms =
-# 0.87-0.90 of a device copy (was 0.243-0.250 ms = 0.77-0.79; bench/kernels.py 0.222 ms, on par with
+# 0.87-0.90 of a device copy (was 0.243-0.250 ms = 0.77-0.79; bench/kernel_bandwidth.py 0.222 ms, on par with
 # the plain gelu_backward), where 8 or 32 tiles, 512-element tiles on 2 warps, or no prefetch
 # measured within 1-3%, and 2048-4096-element tiles or 8 warps 3-30% slower; SwiGLU (whose tiles
 # read twice the input) 8 tiles on 8 warps: 0.324 ms (was 0.337).
