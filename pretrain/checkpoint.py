@@ -70,11 +70,12 @@ class CheckpointError(ConfigError):
     tensors. Every command line says ``checkpoint error: ...`` and exits 2 (quant.load.run_cli)."""
 
 
-def load_file(path: str, map_location="cpu"):
-    """torch.load that unpickles nothing but tensors, containers and SAFE_GLOBALS."""
+def load_file(path: str, map_location="cpu", mmap: bool = False):
+    """torch.load that unpickles nothing but tensors, containers and SAFE_GLOBALS (``mmap``: the
+    tensors stay in the file's pages, shared by the ranks that all read it)."""
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:   # UnpicklingError for foreign objects; RuntimeError for a broken zip
         raise CheckpointError(f"refusing to load {path}: {str(e).splitlines()[0]}") from None
 
