@@ -26,7 +26,8 @@ resume checks and post-training tools read it without loading any tensor. Its ``
 keyed by the plain GPT's parameter names whatever the pipeline layout; ``pipeline`` names the
 stage boundaries. Every rank's RNG states (python, numpy, torch, CUDA and megatron-core's
 model-parallel tracker) are in ``rng_rankNNNNN.pt`` as tensors and plain numbers; QAT clip
-values are model parameters.
+values are model parameters. A checkpoint of another parallel layout resumes only with
+``checkpoint.reshard`` (pretrain.reshard re-splits its state; the RNG states are left out).
 """
 import dataclasses
 import fcntl
@@ -70,11 +71,12 @@ class CheckpointError(ConfigError):
     tensors. Every command line says ``checkpoint error: ...`` and exits 2 (quant.load.run_cli)."""
 
 
-def load_file(path: str, map_location="cpu"):
-    """torch.load that unpickles nothing but tensors, containers and SAFE_GLOBALS."""
+def load_file(path: str, map_location="cpu", mmap: bool = False):
+    """torch.load that unpickles nothing but tensors, containers and SAFE_GLOBALS (``mmap``: the
+    tensors stay in the file's pages, shared by the ranks that all read it)."""
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:   # UnpicklingError for foreign objects; RuntimeError for a broken zip
         raise CheckpointError(f"refusing to load {path}: {str(e).splitlines()[0]}") from None
 
@@ -258,6 +260,14 @@ def read_meta(path: str) -> dict:
         return json.load(f)
 
 
+def saved_layout(path: str, meta: dict) -> dict:
+    """The parallel sizes a complete checkpoint was written under (DP from COMPLETE's world size)."""
+    with open(os.path.join(path, COMPLETE)) as f:
+        world = json.load(f)["world_size"]
+    tp, pp = meta["tensor_parallel"], meta["pipeline_parallel"]
+    return {"tensor": tp, "pipeline": pp, "data": world // (tp * pp)}
+
+
 def save(engine, trainer, cfg: Config, model: torch.nn.Module) -> str:
     """Save on every rank; returns the checkpoint path once it is complete. A complete checkpoint
     of this step is kept as it is (a relaunch must not rewrite it); the remains of a crashed save of
@@ -314,23 +324,32 @@ def _prune(root: str, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_compatible(saved: dict, cfg: Config, path: str, pipeline: dict | None = None) -> None:
-    """Refuse to resume into a different model, parallel layout (incl. the pipeline stage split,
-    which the optimizer shards follow), tokenizer or data order; name each mismatch."""
+def check_compatible(saved: dict, cfg: Config, path: str, layout: dict, pipeline: dict | None = None) -> bool:
+    """Refuse to resume into a different model, tokenizer or data order, and into another parallel
+    layout (TP, PP or DP size, pipeline stage split: the shards follow them) unless
+    ``checkpoint.reshard`` is on; name each mismatch. ``layout``: the checkpoint's
+    :func:`saved_layout`. Returns whether the layout differs, so the state must be resharded."""
     problems = []
     old = config_from_dict(saved["config"])
     for f in dataclasses.fields(old.model):
         a, b = getattr(old.model, f.name), getattr(cfg.model, f.name)
         if a != b and f.name != "dropout":
             problems.append(f"model.{f.name}: checkpoint {a!r}, config {b!r}")
-    for key, now in (("tensor_parallel", parallel_state.get_tensor_model_parallel_world_size()),
-                     ("pipeline_parallel", parallel_state.get_pipeline_model_parallel_world_size())):
-        if saved[key] != now:
-            problems.append(f"{key} size: checkpoint {saved[key]}, this run {now}")
+    now = {"tensor": parallel_state.get_tensor_model_parallel_world_size(),
+           "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+           "data": parallel_state.get_data_parallel_world_size()}
+    what = {"tensor": "tensor-parallel size (parallel.tensor)", "pipeline": "pipeline-parallel size (parallel.pipeline)",
+            "data": "data-parallel size (world size / (parallel.tensor x parallel.pipeline))"}
+    moved = [f"{what[k]}: checkpoint {layout[k]}, this run {now[k]}" for k in what if layout[k] != now[k]]
     old_parts, parts = (saved.get("pipeline") or {}).get("parts"), (pipeline or {}).get("parts")
     if old_parts and parts and len(old_parts) == len(parts) and old_parts != parts:
-        problems.append(f"pipeline stage boundaries (parallel.partition): checkpoint {old_parts}, "
-                        f"this run {parts}")
+        moved.append(f"pipeline stage boundaries (parallel.partition): checkpoint {old_parts}, this run {parts}")
+    refused = moved and not cfg.checkpoint.reshard
+    if refused:
+        problems += moved
+    elif moved and 0 in (old.parallel.zero_stage, cfg.parallel.zero_stage):
+        problems.append(f"checkpoint.reshard re-splits DeepSpeed's ZeRO fp32 partitions and needs ZeRO stage 1 or 2: "
+                        f"parallel.zero_stage checkpoint {old.parallel.zero_stage}, config {cfg.parallel.zero_stage}")
     if saved["tokenizer_sha256"] != tokenizer_identity(cfg):
         problems.append(f"tokenizer: checkpoint sha256 {saved['tokenizer_sha256']}, "
                         f"data.tokenizer {cfg.data.tokenizer!r} has {tokenizer_identity(cfg)}")
@@ -345,8 +364,12 @@ def check_compatible(saved: dict, cfg: Config, path: str, pipeline: dict | None 
     if old.qat.enabled != cfg.qat.enabled or old.qat.layers != cfg.qat.layers:
         problems.append(f"qat: checkpoint enabled={old.qat.enabled} layers={old.qat.layers}, "
                         f"config enabled={cfg.qat.enabled} layers={cfg.qat.layers}")
+    if refused:
+        problems.append("(a checkpoint of another parallel layout resumes only with --checkpoint.reshard true, "
+                        "which re-splits its model and optimizer state)")
     if problems:
         raise ConfigError(f"cannot resume from {path}:\n  " + "\n  ".join(problems))
+    return bool(moved)
 
 
 def _candidates(root: str) -> list[str]:
@@ -395,18 +418,24 @@ def resume(engine, trainer, cfg: Config) -> str | None:
     if path is None:
         return None
     client = read_meta(path)
-    check_compatible(client, cfg, path, pipeline_layout(engine.module))     # before DeepSpeed loads tensors into a mismatched model
-    root, tag = os.path.split(path)
-    engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
-    load_path, _ = engine.load_checkpoint(root, tag=tag)
-    if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+    layout = saved_layout(path, client)
+    # checked before any tensor is loaded into a mismatched model
+    if check_compatible(client, cfg, path, layout, pipeline_layout(engine.module)):
+        from pretrain.reshard import load_resharded   # here: pretrain.reshard imports this module
+        load_resharded(engine, path, client)
+        if dist.get_rank() == 0:
+            log.warning(f"resharded {path} from TP {layout['tensor']} x PP {layout['pipeline']} x DP {layout['data']} "
+                        f"to TP {cfg.parallel.tensor} x PP {cfg.parallel.pipeline} x DP "
+                        f"{parallel_state.get_data_parallel_world_size()}: the random streams (dropout masks) are "
+                        f"per rank and cannot continue under another layout; they start afresh from train.seed")
+    else:
+        root, tag = os.path.split(path)
+        engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+        load_path, _ = engine.load_checkpoint(root, tag=tag)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint {path}")
+        _set_rng_state(load_file(os.path.join(path, f"rng_rank{dist.get_rank():05d}.pt")))
     trainer.step, trainer.consumed_samples = client["iteration"], client["consumed_samples"]
     trainer.skipped_steps = client.get("skipped_steps", 0)
-    rng = os.path.join(path, f"rng_rank{dist.get_rank():05d}.pt")
-    if os.path.isfile(rng):
-        _set_rng_state(load_file(rng))
-    else:   # saved with another DP size: the random streams do not map onto this world
-        log.warning(f"{rng} missing (another world size): random streams start afresh")
     log.info(f"resumed from {path} at step {trainer.step} ({trainer.consumed_samples} samples consumed)")
     return path

@@ -71,6 +71,7 @@ class CheckpointConfig:
     interval: int = 0                # save every N steps (and always at the end); 0 = only at the end
     keep: int = 3                    # keep the newest K complete checkpoints
     resume: str = "auto"             # auto (newest complete in out_dir/checkpoints) | none | a checkpoint path (CLI: --resume)
+    reshard: bool = False            # resume a checkpoint of another TP / PP / DP layout: re-split its model and ZeRO-1/2 optimizer state (random streams start afresh)
 
 
 @dataclass

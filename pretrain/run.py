@@ -48,15 +48,22 @@ def is_logging_rank() -> bool:
             and parallel_state.is_pipeline_last_stage())
 
 
-def train(cfg: Config, dims: ParallelDims) -> Trainer:
-    t = cfg.train
-    torch.manual_seed(t.seed)                  # identical initial weights on every rank
+def build_trainer(cfg: Config, dims: ParallelDims) -> Trainer:
+    """This rank's model (QAT quantizers and kurtosis penalties attached before the engine takes its
+    parameters), engine and trainer, at step 0."""
+    torch.manual_seed(cfg.train.seed)          # identical initial weights on every rank
     model = build_model(cfg, dims)
     quantizers, penalties = attach_qat(model, cfg.qat), attach_kurtosis(model, cfg.kurtosis)
-    engine = build_engine(model, cfg, dims)
-    trainer = Trainer(cfg, engine, quantizers, penalties)
+    return Trainer(cfg, build_engine(model, cfg, dims), quantizers, penalties)
+
+
+def train(cfg: Config, dims: ParallelDims) -> Trainer:
+    t = cfg.train
+    trainer = build_trainer(cfg, dims)
+    engine, model = trainer.engine, trainer.engine.module
     # Dropout masks: the same over TP ranks holding replicated activations, distinct under SP and
-    # per stage. A resume replaces these streams with the ones saved by the same rank.
+    # per stage. A resume replaces these streams with the ones saved by the same rank (a resharded
+    # one, of another layout, keeps these).
     sp_rank = parallel_state.get_tensor_model_parallel_rank() if cfg.parallel.sequence_parallel else 0
     torch.manual_seed(t.seed + 100 * parallel_state.get_pipeline_model_parallel_rank() + sp_rank)
     trainer.last_checkpoint = checkpoint.resume(engine, trainer, cfg)

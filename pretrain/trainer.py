@@ -61,17 +61,23 @@ class Trainer:
     def _init_clips(self, batch: dict) -> None:
         """First-batch clip inits (qat.init minmax|mse) happen here, in a forward without gradients
         before the step where quantization starts, and are written into the optimizer's fp32 master
-        copy: set inside a training forward, they would be overwritten from that copy by the step."""
+        copy: set inside a training forward, they would be overwritten from that copy by the step.
+        Every data-parallel replica runs DP rank 0's first micro-batch, the one a single process
+        with the same micro-batch size initializes from, so the clips do not depend on the DP size
+        (a statistic over each replica's own micro-batch would cover micro_batch_size x DP samples)."""
         todo = torch.tensor([float(any(q.needs_init for q in self.quantizers))], device=self.engine.device)
         dist.all_reduce(todo, op=dist.ReduceOp.MAX)      # pipeline stages run the forward together
         if todo.item():
+            b = {k: v.to(self.engine.device).clone(memory_format=torch.contiguous_format) for k, v in batch.items()}
+            for v in b.values():    # into copies: this rank's own batch still trains
+                dist.broadcast(v, src=parallel_state.get_data_parallel_src_rank(),
+                               group=parallel_state.get_data_parallel_group())
             self.engine.eval()
             # eager: the inits read statistics back to the host, which compiled blocks cannot trace
             with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 if self.pipeline:
-                    self.engine.eval_batch(iter([(batch["tokens"], batch["labels"])]), num_micro_batches=1)
+                    self.engine.eval_batch(iter([(b["tokens"], b["labels"])]), num_micro_batches=1)
                 else:
-                    b = self._to_device(batch)
                     self.engine(b["tokens"], b["labels"])
             self.engine.train()
             for q in self.quantizers:

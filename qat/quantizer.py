@@ -83,7 +83,7 @@ class InputQuantizer(torch.nn.Module):
 
     @torch.no_grad()
     def _init_from_batch(self, x: torch.Tensor) -> None:
-        """Clips from the first batch, agreed over every rank holding part of it (TP and DP): its
+        """Clips from the first batch, agreed over the TP ranks holding parts of it: its
         min/max (init=minmax), or the candidate mean +- k std (inside min/max) whose quantization
         has the least squared error (init=mse): min/max spends 4-bit steps on rare extremes, and
         one constant cannot fit inputs of different scales (attention outputs, MLP activations)."""
@@ -185,10 +185,11 @@ class InputQuantizer(torch.nn.Module):
 
 
 def _all_reduce(t: torch.Tensor, op) -> None:
-    """Over the TP and DP groups: every rank that sees part of a layer's batch."""
+    """Over the TP group: the ranks that see parts of a layer's input (its channels, or its tokens
+    under sequence parallelism). Data-parallel replicas initialize from the same batch
+    (pretrain.trainer), so they agree without a reduction."""
     if dist.is_initialized():
-        for group in (parallel_state.get_tensor_model_parallel_group(), parallel_state.get_data_parallel_group()):
-            dist.all_reduce(t, op=op, group=group)
+        dist.all_reduce(t, op=op, group=parallel_state.get_tensor_model_parallel_group())
 
 
 def attach_qat(model: torch.nn.Module, cfg: QATConfig) -> list[InputQuantizer]:

@@ -4,15 +4,9 @@ Every problem with the checkpoint (a path that does not exist, no complete check
 an incomplete, damaged or foreign one) is a CheckpointError; :func:`run_cli` turns it into the one
 line and exit status 2 of pretrain.train.
 
-The tensors are consolidated from the DeepSpeed files alone, using meta.json's ``tp_layout``
-(parameter name -> the dim it is split along over TP ranks, null when replicated): split
-parameters are concatenated along that dim in TP-rank order, everything else (replicated
-parameters, buffers) is taken from TP rank 0. No parallel model is built for this.
-
-Pipeline parallelism: DeepSpeed's pipeline engine writes one ``layer_II-model_XX-model_states.pt``
-file per pipeline layer II (0 embedding, 1..L blocks, L+1 head) and TP rank XX instead of
-``mp_rank_XX_model_states.pt``; their keys are mapped back to the GPT's parameter names
-(``model.pipeline.to_gpt_name``) and the TP merge is shared.
+The tensors are consolidated from the DeepSpeed files alone, by pretrain.reshard (the same
+consolidation a resume under another layout uses): TP shards merged by meta.json's ``tp_layout``,
+pipeline layer files mapped to the GPT's names. No parallel model is built for this.
 """
 import os
 import sys
@@ -20,8 +14,9 @@ from typing import NamedTuple
 
 import torch
 
-from pretrain.checkpoint import COMPLETE, META, CheckpointError, is_complete, latest_checkpoint, load_file, read_meta, verify
+from pretrain.checkpoint import COMPLETE, META, CheckpointError, is_complete, latest_checkpoint, read_meta, verify
 from pretrain.config import Config, ConfigError, config_from_dict
+from pretrain.reshard import merge_tp, model_files, model_shards
 
 
 class Checkpoint(NamedTuple):
@@ -50,73 +45,13 @@ def resolve_step_dir(path: str) -> str:
     raise CheckpointError(f"no complete checkpoint under {path} (looked in {run_root} and {path})")
 
 
-def _read_tp_ranks(step_dir: str, meta: dict) -> list[dict]:
-    """Pipeline size 1: DeepSpeed's ``mp_rank_XX_model_states.pt``, one file per TP rank."""
-    states = []
-    for rank in range(meta["tensor_parallel"]):
-        file = os.path.join(step_dir, f"mp_rank_{rank:02d}_model_states.pt")
-        if not os.path.isfile(file):
-            raise CheckpointError(f"{step_dir}: missing {os.path.basename(file)} for TP rank {rank} "
-                                  f"of {meta['tensor_parallel']}")
-        states.append(load_file(file)["module"])
-    return states
-
-
-def _read_pipeline_layers(step_dir: str, meta: dict) -> list[dict]:
-    """Pipeline size > 1: one file per pipeline layer and TP rank, keys relative to the layer."""
-    from model.pipeline import to_gpt_name
-
-    layers = meta["config"]["model"]["num_layers"]
-    states = [{} for _ in range(meta["tensor_parallel"])]
-    for index in range(layers + 2):
-        for rank, state in enumerate(states):
-            file = os.path.join(step_dir, f"layer_{index:02d}-model_{rank:02d}-model_states.pt")
-            if not os.path.isfile(file):
-                raise CheckpointError(f"{step_dir}: missing {os.path.basename(file)} (pipeline layer {index}, "
-                                      f"TP rank {rank})")
-            for key, tensor in load_file(file).items():
-                state[to_gpt_name(f"{index}.{key}", layers)] = tensor
-    return states
-
-
-def _model_files(meta: dict) -> list[str]:
-    """The files holding the model's weights (what post-training reads), whatever the layout."""
-    tp = meta["tensor_parallel"]
-    if meta.get("pipeline_parallel", 1) > 1:
-        layers = meta["config"]["model"]["num_layers"]
-        return [f"layer_{i:02d}-model_{r:02d}-model_states.pt" for i in range(layers + 2) for r in range(tp)]
-    return [f"mp_rank_{r:02d}_model_states.pt" for r in range(tp)]
-
-
 def _tp_rank_states(step_dir: str, meta: dict) -> list[dict]:
     """Each TP rank's full-depth state dict, whatever the file layout, after checking the files
     against the checkpoint's recorded sizes and digests."""
-    problems = verify(step_dir, _model_files(meta), distributed=False)
+    problems = verify(step_dir, model_files(meta), distributed=False)
     if problems:
         raise CheckpointError(f"checkpoint {step_dir} does not verify: {'; '.join(problems)}")
-    if meta.get("pipeline_parallel", 1) > 1:
-        return _read_pipeline_layers(step_dir, meta)
-    return _read_tp_ranks(step_dir, meta)
-
-
-def merge_tp(shards: list[dict], layout: dict) -> dict:
-    """Full tensors from TP-rank state dicts: split ones concatenated along their dim."""
-    full = {}
-    for name, tensor in shards[0].items():
-        if tensor is None:                   # megatron's empty _extra_state entries
-            continue
-        dim = layout.get(name)
-        if dim is None:
-            full[name] = tensor
-            continue
-        missing = [r for r, s in enumerate(shards) if s.get(name) is None]
-        if missing:
-            raise CheckpointError(f"parameter {name!r} is missing from TP rank(s) {missing}")
-        full[name] = torch.cat([s[name] for s in shards], dim=dim)
-    absent = sorted(n for n in layout if n not in full)
-    if absent:
-        raise CheckpointError(f"parameters in tp_layout but not in the checkpoint: {absent[:5]}")
-    return full
+    return model_shards(step_dir, meta)
 
 
 def load_checkpoint(path: str) -> Checkpoint:

@@ -51,7 +51,11 @@ def test_mismatched_config_or_tokenizer_is_refused(data, tmp_path):
     assert code == 2 and "train.steps x train.global_batch_size" in log and "data order would change" in log, log
 
     code, log = finish(torchrun(2, train_args(data, str(tmp_path), "--parallel.tensor", "2")))
-    assert code != 0 and "exitcode  : 2" in log and "tensor_parallel size: checkpoint 1, this run 2" in log, log
+    assert code != 0 and "exitcode  : 2" in log, log
+    assert ("tensor-parallel size (parallel.tensor): checkpoint 1, this run 2\n  data-parallel size (world size / "
+            "(parallel.tensor x parallel.pipeline)): checkpoint 2, this run 1\n") in log, log
+    assert ("\n  (a checkpoint of another parallel layout resumes only with --checkpoint.reshard true, which re-splits "
+            "its model and optimizer state)\n") in log, log
 
     meta["tokenizer_sha256"] = "0" * 64                 # as if trained with another tokenizer
     (ckpt / "meta.json").write_text(json.dumps(meta))
