@@ -11,6 +11,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+# Ranks fork from one server process that has imported torch, megatron-core, DeepSpeed and the
+# project (set before its first use), so a rank starts in well under a second instead of
+# re-importing them. The server is a fresh interpreter that only imports (one thread, no process
+# group, no megatron parallel state), so every rank still starts from clean global state; it keeps
+# the environment of its start (conftest's OMP_NUM_THREADS, TRITON_INTERPRET), and each rank
+# follows the test's current directory and sys.path as under spawn.
+mp.set_forkserver_preload(["tests.train_utils"])
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -38,7 +46,7 @@ def _worker(rank, world_size, port, fn, args, out_dir):
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 600):
-    """Call ``fn(*args)`` on ``world_size`` spawned processes; return the list of results by rank.
+    """Call ``fn(*args)`` on ``world_size`` fresh processes (forked from the forkserver); return the list of results by rank.
 
     ``fn`` must be a module-level function (it is pickled). It may call
     ``dist.init_process_group("gloo")`` itself, or use the project's own init, which reads the
@@ -47,7 +55,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 600):
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size,
-            join=False, start_method="spawn",
+            join=False, start_method="forkserver",
         )
         errors = []
         try:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import time
 
@@ -40,16 +41,26 @@ def test_relaunching_a_finished_run_rewrites_nothing(data, tmp_path):
     assert "saved checkpoint" not in log and _files(step) == before
 
 
-def _two_checkpoints(data, out):
+@pytest.fixture(scope="module")
+def stopped_run(data, tmp_path_factory):
+    """A run of 6 steps stopped at step 4 with checkpoints at steps 2 and 4, trained once; the
+    tests damage their own copies (``_two_checkpoints``)."""
+    out = tmp_path_factory.mktemp("stopped-run")
     code, log = finish(single(train_args(data, str(out), "--train.steps", "6", "--checkpoint.interval", "2",
                                          "--train.stop_at_step", "4")))
     assert code == 0, log
+    return out
+
+
+def _two_checkpoints(stopped_run, out):
+    """A copy of ``stopped_run`` in ``out`` (training there resumes from it); its two checkpoints."""
+    shutil.copytree(stopped_run, out, dirs_exist_ok=True)
     return out / "checkpoints" / "step00000002", out / "checkpoints" / "step00000004"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
-def test_damaged_checkpoint_is_skipped_under_auto_and_refused_by_path(data, tmp_path, damage):
-    older, newest = _two_checkpoints(data, tmp_path)
+def test_damaged_checkpoint_is_skipped_under_auto_and_refused_by_path(data, stopped_run, tmp_path, damage):
+    older, newest = _two_checkpoints(stopped_run, tmp_path)
     shard = next(newest.glob("*optim_states.pt") if damage == "truncate" else newest.glob("mp_rank_*model_states.pt"))
     blob = shard.read_bytes()
     if damage == "truncate":
@@ -83,8 +94,8 @@ class _Planted:
 
 
 @pytest.mark.parametrize("victim", ["rng_rank00000.pt", "mp_rank_00_model_states.pt", "optim_states.pt"])
-def test_a_planted_pickle_runs_nothing(data, tmp_path, victim):
-    _, newest = _two_checkpoints(data, tmp_path)
+def test_a_planted_pickle_runs_nothing(data, stopped_run, tmp_path, victim):
+    _, newest = _two_checkpoints(stopped_run, tmp_path)
     marker = tmp_path / "PWNED"
     target = next(p for p in newest.iterdir() if p.name.endswith(victim))
     state = torch.load(target, weights_only=False)                  # our own file: safe to read here

@@ -4,6 +4,7 @@ a rerun skips finished runs and redoes only what is missing; two result director
 report whose numbers are the arms' own quant.evaluate JSONs."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,27 +81,55 @@ def cli(*args, cwd=REPO):
     return done.returncode, done.stdout + done.stderr
 
 
-def test_cli_refuses_unknown_arm_and_index(tmp_path):
-    code, out = cli("study", "--plan", TINY, "--arms", "qat", "--out", str(tmp_path))
+def test_cli_refuses_unknown_arm_and_index(tmp_path, monkeypatch, capsys):
+    """The refusals by study.__main__.main in this process (what ``python -m study`` exits with);
+    the listing through the real entry point, whose stdout must be the run ids alone."""
+    from study.__main__ import main
+
+    def study(*args):
+        code = main(["--plan", TINY, *args])
+        captured = capsys.readouterr()
+        return code, captured.out + captured.err
+
+    monkeypatch.chdir(REPO)
+    code, out = study("--arms", "qat", "--out", str(tmp_path))
     assert code == 2 and "plan error: --arms: no arm 'qat' in" in out and "(arms: baseline, qat-kurt)" in out
-    code, out = cli("study", "--plan", TINY, "--index", "5", "--list")
+    code, out = study("--index", "5", "--list")
     assert code == 2 and "--index 5: the selection has 2 runs (0..1)" in out
     listed = subprocess.run([sys.executable, "-m", "study", "--plan", TINY, "--list", "--seeds", "1234"], cwd=REPO,
                             capture_output=True, text=True)
     assert listed.returncode == 0 and listed.stdout.splitlines() == ["baseline-seed1234", "qat-kurt-seed1234"]
-    code, out = cli("study", "--plan", TINY, "--list", "--runs", "qat-kurt-seed1234")
+    code, out = study("--list", "--runs", "qat-kurt-seed1234")
     assert code == 0 and out.splitlines()[0] == "qat-kurt-seed1234"
-    code, out = cli("study", "--plan", TINY, "--list", "--runs", "qat-kurt-seed2")
+    code, out = study("--list", "--runs", "qat-kurt-seed2")
     assert code == 2 and "plan error: --runs: no run 'qat-kurt-seed2' in the selection of" in out
 
 
 @pytest.fixture(scope="module")
-def studies(tmp_path_factory):
+def study_data(tmp_path_factory):
+    """The tiny plan's tokenizer and token files, prepared once by the runner; each study below
+    starts from a copy in its OUT/data, which the runner keeps (as on a relaunch)."""
+    from study.runner import Runner
+
+    out = tmp_path_factory.mktemp("study-data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(REPO)
+        Runner(load_plan(TINY), str(out)).prepare_data()
+    return out / "data"
+
+
+def with_data(study_dir, study_data) -> str:
+    shutil.copytree(study_data, os.path.join(study_dir, "data"))
+    return str(study_dir)
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory, study_data):
     """The tiny plan's two arms run into two study directories (as on two machines)."""
     root = tmp_path_factory.mktemp("study")
     dirs = {}
     for arm in ("baseline", "qat-kurt"):
-        dirs[arm] = str(root / arm)
+        dirs[arm] = with_data(root / arm, study_data)
         code, out = cli("study", "--plan", TINY, "--out", dirs[arm], "--arms", arm, "--progress-interval", "5")
         assert code == 0, out[-4000:]
     return dirs
@@ -205,7 +234,7 @@ def test_merge_unions_points_and_refuses_other_configs(tmp_path):
 
 
 @pytest.mark.slow
-def test_slurm_array_task_preempted_then_requeued_completes(tmp_path):
+def test_slurm_array_task_preempted_then_requeued_completes(tmp_path, study_data):
     """launch/slurm/study.sbatch as task 0 of an array: the warning signal makes the training save,
     the task exit 0 and requeue itself; the requeued task continues the run to its end."""
     from tests.data_utils import ENV, finish
@@ -219,6 +248,7 @@ def test_slurm_array_task_preempted_then_requeued_completes(tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump(raw))
     bin_dir, log_file, out = tmp_path / "bin", tmp_path / "slurm.log", tmp_path / "study"
+    with_data(out, study_data)
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(FAKE_SCONTROL)
     (bin_dir / "scontrol").chmod(0o755)
@@ -304,7 +334,7 @@ def test_summary_lists_the_specs_of_every_run():
 
 
 @pytest.mark.slow
-def test_a_failed_piece_keeps_the_others_and_training_goes_on(tmp_path, monkeypatch):
+def test_a_failed_piece_keeps_the_others_and_training_goes_on(tmp_path, monkeypatch, study_data):
     """A post-training command that fails (AdaDim's broadcast did, on the GPU) costs only its own
     cells: the analysis and the other specs of that point, and the later points, are still made."""
     from study.runner import Runner, RunFailed
@@ -321,7 +351,7 @@ def test_a_failed_piece_keeps_the_others_and_training_goes_on(tmp_path, monkeypa
         return call(self, cmd, logfile, env)
     monkeypatch.setattr(Runner, "_call", failing)
     run = next(r for r in plan.runs() if r.arm == "baseline")
-    failed, stopped = Runner(plan, str(tmp_path / "study"), progress_interval=5).run_all([run])
+    failed, stopped = Runner(plan, with_data(tmp_path / "study", study_data), progress_interval=5).run_all([run])
     assert failed == [run.id] and not stopped
     r = results.read(str(tmp_path / "study"), run.id)
     assert not r["complete"] and [p["step"] for p in r["points"]] == [4, 8]
