@@ -45,7 +45,7 @@ def run(config: str, overrides: list[str], steps: int, initial: dict | None,
     drift apart; gradients are compared at identical weights."""
     from pretrain.config import load_config
     from pretrain.engine import build_engine
-    from pretrain.parallel import init_distributed
+    from pretrain.parallel_dims import init_distributed
     from pretrain.parallelize import build_model
     from pretrain.trainer import Trainer
     from qat.quantizer import attach_qat

@@ -90,7 +90,7 @@ def main():
         sys.exit("bench/gptq.py needs a CUDA GPU (use --dry-run for the CPU check)")
     from model.gpt import build_gpt
     from pretrain.config import load_config
-    from pretrain.parallel import ParallelConfig, init_distributed
+    from pretrain.parallel_dims import ParallelConfig, init_distributed
     from quant.quantize import QuantSpec, quantize_model
 
     init_distributed(ParallelConfig())

@@ -144,7 +144,7 @@ def run_variant(spec: str, config: str, micro: int, steps: int, warmup: int, pro
             opt.zero_grad(set_to_none=True)
     else:
         from pretrain.engine import build_engine
-        from pretrain.parallel import init_distributed
+        from pretrain.parallel_dims import init_distributed
         from pretrain.parallelize import build_model
         from pretrain.trainer import Trainer
         from qat.quantizer import attach_qat

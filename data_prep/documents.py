@@ -8,8 +8,10 @@ Formats, chosen by the file name (after an optional ``.gz`` or ``.xz`` suffix):
   A document's text is its lines as in the file, without the last line's newline. A block with
   a non-UTF-8 line is malformed (reported at that line).
 
-Empty documents are skipped and counted apart. Files are read line by line, never whole, and
-files under the project's ``data/eval/`` are refused: evaluation text must never be trained on.
+Empty documents are skipped and counted apart. Files are read line by line, never whole. Training
+readers refuse files under the project's ``data/eval/`` (evaluation text must never be trained on);
+post-training reads its calibration and evaluation documents through the same reader
+(``training=False``), with no malformed line allowed.
 """
 import gzip
 import json
@@ -96,8 +98,9 @@ def check_not_eval(path: str) -> None:
 class DocumentReader:
     """Iterates over the documents of one file; records per-file counts and the compressed read position."""
 
-    def __init__(self, path: str, malformed: MalformedLog, json_key: str = "text"):
-        check_not_eval(path)
+    def __init__(self, path: str, malformed: MalformedLog, json_key: str = "text", training: bool = True):
+        if training:
+            check_not_eval(path)
         self.path, self.json_key, self.log = path, json_key, malformed
         self.format = input_format(path)
         self.size = os.path.getsize(path)

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 from pretrain.config import Config, OptimConfig
-from pretrain.parallel import MegatronMPU, ParallelDims
+from pretrain.parallel_dims import MegatronMPU, ParallelDims
 from pretrain.parallelize import is_pipeline
 
 

@@ -13,7 +13,7 @@ from megatron.core import utils as megatron_utils
 from model.gpt import MLP, Block, build_gpt, lm_loss
 from model.pipeline import pipeline_layers
 from pretrain.config import Config
-from pretrain.parallel import ParallelDims, deepspeed_topology
+from pretrain.parallel_dims import ParallelDims, deepspeed_topology
 from qat.quantizer import checkpointed
 
 

@@ -6,7 +6,8 @@ wrote it (file names: pretrain.checkpoint's docstring):
 - the model, from DeepSpeed's model files: split parameters (meta.json's ``tp_layout``: the dim a
   parameter is split along, null when replicated) concatenated along that dim in TP-rank order,
   everything else (replicated parameters, buffers) from TP rank 0; pipeline layer files' keys mapped
-  to GPT names (``model.pipeline.to_gpt_name``). Post-training reads models this way (quant.load).
+  to GPT names (``model.pipeline.to_gpt_name``). :func:`load_checkpoint` reads a checkpoint this way
+  for post-training, after resolving the path and verifying the files (every problem a CheckpointError).
 - under ZeRO 1/2, the optimizer: each DP rank's ``*_optim_states.pt`` holds, per parameter group, a
   flat fp32 partition (master weights) and AdamW's ``exp_avg`` / ``exp_avg_sq`` of the same shape, and
   ``param_slice_mappings``, where each parameter's fragment starts in it. A parameter's TP shard is its
@@ -21,13 +22,16 @@ copied, none recomputed, so the new engine holds the saved state exactly. Each r
 (memory-mapped) and builds full tensors only for its own parameters.
 """
 import os
+from typing import NamedTuple
 
 import torch
 from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
 from model.pipeline import to_gpt_name
 from model.sharding import shard_state_dict
-from pretrain.checkpoint import CheckpointError, load_file, saved_layout
+from pretrain.checkpoint import (COMPLETE, META, CheckpointError, is_complete, latest_checkpoint, load_file, read_meta,
+                                 saved_layout, verify)
+from pretrain.config import Config, ConfigError, config_from_dict
 from pretrain.parallelize import is_pipeline
 
 
@@ -79,6 +83,59 @@ def merge_tp(shards: list[dict], layout: dict) -> dict:
     if absent:
         raise CheckpointError(f"parameters in tp_layout but not in the checkpoint: {absent[:5]}")
     return full
+
+
+class Checkpoint(NamedTuple):
+    path: str            # the step directory
+    meta: dict           # meta.json
+    config: Config
+    state: dict          # full TP=1 state dict, keyed like the GPT's state_dict()
+
+
+def resolve_step_dir(path: str) -> str:
+    """The step directory meant by ``path``: a step dir itself, or the newest complete checkpoint
+    under a run dir (``<run>/checkpoints``) or a checkpoints dir. Incomplete ones are refused."""
+    path = path.rstrip("/")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if os.path.isfile(os.path.join(path, META)) or os.path.basename(path).startswith("step"):
+        if not is_complete(path):
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker): refusing to load it")
+        return path
+    run_root = os.path.join(path, "checkpoints")
+    for root in (run_root, path):
+        if os.path.isdir(root):
+            found = latest_checkpoint(root)
+            if found is not None:
+                return found
+    raise CheckpointError(f"no complete checkpoint under {path} (looked in {run_root} and {path})")
+
+
+def _tp_rank_states(step_dir: str, meta: dict) -> list[dict]:
+    """Each TP rank's full-depth state dict, whatever the file layout, after checking the files
+    against the checkpoint's recorded sizes and digests."""
+    problems = verify(step_dir, model_files(meta), distributed=False)
+    if problems:
+        raise CheckpointError(f"checkpoint {step_dir} does not verify: {'; '.join(problems)}")
+    return model_shards(step_dir, meta)
+
+
+def load_checkpoint(path: str) -> Checkpoint:
+    """Resolve ``path`` (see resolve_step_dir) and consolidate its model state to TP=1."""
+    step_dir = resolve_step_dir(path)
+    try:
+        meta = read_meta(step_dir)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {step_dir}: no readable {META} ({e})") from None
+    for key in ("config", "tp_layout", "tensor_parallel"):
+        if key not in meta:
+            raise CheckpointError(f"{step_dir}/{META} has no {key!r}; not a pretrain checkpoint")
+    try:
+        config = config_from_dict(meta["config"])
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {step_dir} holds a config this code refuses: {e}") from None
+    state = merge_tp(_tp_rank_states(step_dir, meta), meta["tp_layout"])
+    return Checkpoint(step_dir, meta, config, state)
 
 
 def optimizer_shards(step_dir: str, meta: dict, weights: list[dict], names: set[str]) -> tuple[list[dict], dict]:

@@ -16,7 +16,7 @@ from pretrain.checkpoint import CheckpointError
 from pretrain.config import Config, ConfigError
 from pretrain.engine import build_engine
 from pretrain.metrics import MetricsLogger, flops_per_token, matmul_params, peak_tflops
-from pretrain.parallel import ParallelDims, destroy_distributed, init_distributed
+from pretrain.parallel_dims import ParallelDims, destroy_distributed, init_distributed
 from pretrain.parallelize import build_model
 from pretrain.trainer import NonFiniteLossError, Trainer
 from qat.quantizer import attach_qat

@@ -55,7 +55,7 @@ class KurtosisPenalty(torch.nn.Module):
 
     def __init__(self, cfg: KurtosisConfig, split_channels: bool, split_tokens: bool):
         super().__init__()
-        self.lam, self.reduce, self.eps = cfg.lambda_, cfg.reduce, cfg.eps
+        self.lambda_, self.reduce, self.eps = cfg.lambda_, cfg.reduce, cfg.eps
         self.split_channels, self.split_tokens = split_channels, split_tokens
         self.record_stats = False            # set by the trainer on log steps
         self.kurtosis_sum = None             # detached sum of kappa over this rank's tokens, when recorded
@@ -76,8 +76,8 @@ class KurtosisPenalty(torch.nn.Module):
         self.tokens = kappa.numel() * (parallel_state.get_tensor_model_parallel_world_size()
                                        if self.split_tokens else 1)
         self.kurtosis_sum = kappa.sum() if self.record_stats else None
-        lam_per_kappa = self.lam / self.tokens if self.reduce == "mean" else self.lam
-        return _Penalize.apply(y, stats, lam_per_kappa * _grad_scale)
+        lambda_per_kappa = self.lambda_ / self.tokens if self.reduce == "mean" else self.lambda_
+        return _Penalize.apply(y, stats, lambda_per_kappa * _grad_scale)
 
     def last_mean(self) -> torch.Tensor | None:
         """Mean kurtosis over this layer's tokens in the last forward (over the TP group when the
@@ -92,7 +92,7 @@ class KurtosisPenalty(torch.nn.Module):
 
     def penalty(self, mean: torch.Tensor) -> torch.Tensor:
         """The penalty term that a mean kurtosis (from :meth:`last_mean`) stands for."""
-        return self.lam * (mean * self.tokens if self.reduce == "sum" else mean)
+        return self.lambda_ * (mean * self.tokens if self.reduce == "sum" else mean)
 
 
 def attach_kurtosis(model: torch.nn.Module, cfg: KurtosisConfig) -> list[KurtosisPenalty]:

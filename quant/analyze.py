@@ -173,14 +173,12 @@ def _label(path: str, taken: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from data_prep.tokenizer import load_tokenizer
-    from pretrain.parallel import ParallelConfig, init_distributed
     from quant.corpora import calibration_windows
-    from quant.load import build_model, load_checkpoint
+    from pretrain.reshard import load_checkpoint
+    from quant.load import model_from_checkpoint, start_cli
 
-    init_distributed(ParallelConfig())
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = start_cli()
     results = {}
     for path in [args.checkpoint] + ([args.compare] if args.compare else []):
         ckpt = load_checkpoint(path)
@@ -189,7 +187,7 @@ def main(argv=None) -> dict:
                                       args.nsamples, args.seed)
         label = _label(path, results)
         log.info(f"analyzing {label} ({ckpt.path}) on {len(windows)} windows")
-        results[label] = analyze(build_model(ckpt, device), windows,
+        results[label] = analyze(model_from_checkpoint(ckpt, device), windows,
                                  cfg.qat.bits if cfg.qat.enabled else None, args.batch_size)
         results[label]["checkpoint"] = ckpt.path
     os.makedirs(args.output, exist_ok=True)

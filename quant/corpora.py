@@ -10,13 +10,11 @@ document is both calibrated on and evaluated on.
 - perplexity (GPTQ convention): documents joined with "\\n\\n", tokenized once, cut into
   non-overlapping windows of the sequence length, the tail dropped.
 """
-import gzip
-import json
 import os
 
 import torch
 
-from data_prep.documents import EVAL_DIR
+from data_prep.documents import EVAL_DIR, DocumentReader, MalformedLog
 
 C4 = os.path.join(EVAL_DIR, "c4-sample", "c4-sample.00000-of-00001.json.gz")
 WIKITEXT2 = os.path.join(EVAL_DIR, "wikitext-2-raw", "wiki.test.raw")
@@ -25,24 +23,9 @@ C4_EVAL_WINDOWS = 256            # GPTQ evaluates C4 on 256 windows
 
 
 def read_documents(path: str) -> list[str]:
-    """Documents of a .jsonl/.json (one {"text": ...} per line) or .txt file (the whole file is
-    one document), optionally gzipped."""
-    opener = gzip.open if path.endswith(".gz") else open
-    name = path.removesuffix(".gz")
-    with opener(path, "rt", encoding="utf-8") as f:
-        if name.endswith(".txt") or name.endswith(".raw"):
-            return [f.read()]
-        if not name.endswith((".jsonl", ".json")):
-            raise ValueError(f"{path}: calibration text must be .jsonl/.json/.txt (optionally .gz)")
-        docs = []
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"{path}:{line_no}: expected a JSON object with a string 'text'")
-            docs.append(record["text"])
-    return docs
+    """The documents of a calibration or evaluation file, in data_prep's input formats (JSON lines,
+    or blank-line-separated text blocks, optionally .gz/.xz); a malformed line is an error."""
+    return list(DocumentReader(path, MalformedLog(limit=0), training=False))
 
 
 def c4_split() -> tuple[list[str], list[str]]:

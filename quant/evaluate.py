@@ -139,28 +139,26 @@ def check_source(manifest: dict, ckpt, quantized: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from data_prep.tokenizer import load_tokenizer
-    from pretrain.parallel import ParallelConfig, init_distributed
     from quant import quantize
     from quant.convert import convert
     from quant.corpora import perplexity_sets
-    from quant.load import build_model, load_checkpoint
+    from pretrain.reshard import load_checkpoint
+    from quant.load import model_from_checkpoint, start_cli
 
     ckpt = load_checkpoint(args.checkpoint)      # both refused before any work
     quantized, manifest = {}, None
     if args.quantized:
         quantized, _, manifest = quantize.load(args.quantized)
         check_source(manifest, ckpt, args.quantized)
-    init_distributed(ParallelConfig())
+    device = start_cli()
     cfg = ckpt.config
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     sets = {name: w[:args.ppl_windows] for name, w in perplexity_sets(tokenizer, cfg.model.seq_length).items()}
     scores, described = {}, {}
     for name, (weights, acts) in selected_configs(args).items():
         t0 = time.perf_counter()
-        model = build_model(ckpt, device)
+        model = model_from_checkpoint(ckpt, device)
         described[name] = convert(model, weights, acts, quantized)
         log.info(f"{name}: weights {described[name]['weights']}; activations {described[name]['acts']}")
         scores[name] = {f"{corpus}_ppl": perplexity(model, w, args.batch_size, f"{name} {corpus}")

@@ -3,7 +3,7 @@
     python -m quant.export --checkpoint runs/demo --output runs/demo/hf
     python -m quant.export --checkpoint runs/demo --quantized runs/demo/w4-gptq --output runs/demo/hf-w4
 
-The checkpoint (any TP/PP layout) is read through quant.load. Two architectures are exported, each
+The checkpoint (any TP/PP layout) is read by pretrain.reshard.load_checkpoint. Two architectures are exported, each
 only when the model computes exactly what the transformers class does:
 
 - positions=rope, norm=rmsnorm, mlp=swiglu, bias=false -> ``LlamaForCausalLM``
@@ -234,7 +234,7 @@ def main(argv=None) -> None:
 
     from quant import quantize
     from quant.evaluate import check_source
-    from quant.load import load_checkpoint
+    from pretrain.reshard import load_checkpoint
 
     ckpt = load_checkpoint(args.checkpoint)      # everything is checked before anything is written
     cfg = ckpt.config.model

@@ -270,7 +270,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
     p.add_argument("--act-order", action="store_true", help="GPTQ columns by descending Hessian diagonal")
     p.add_argument("--percdamp", type=float, default=0.01)
-    p.add_argument("--calib", help="calibration text (.jsonl/.json/.txt[.gz]); default: C4 calibration slice")
+    p.add_argument("--calib", help="calibration text (.jsonl/.json/.txt, optionally .gz/.xz: data_prep's input "
+                                   "formats); default: C4 calibration slice")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows of the model's seq length")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     p.add_argument("--seed", type=int, default=0, help="calibration window offsets")
@@ -284,20 +285,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     t0 = time.perf_counter()
     from data_prep.tokenizer import load_tokenizer
-    from pretrain.parallel import ParallelConfig, init_distributed
     from quant.corpora import CALIB_DOCS, calibration_windows
-    from quant.load import build_model, load_checkpoint
+    from pretrain.reshard import load_checkpoint
+    from quant.load import model_from_checkpoint, start_cli
 
     ckpt = load_checkpoint(args.checkpoint)      # refused before any work
-    init_distributed(ParallelConfig())
-    if dist.get_rank() != 0:
-        log.setLevel(logging.WARNING)
+    device = start_cli()
     spec = QuantSpec(args.method, args.bits, args.group_size, args.sym, args.act_order, args.percdamp)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = build_model(ckpt, device)
+    model = model_from_checkpoint(ckpt, device)
     cfg = ckpt.config
     log.info(f"{ckpt.path}: {cfg.model.num_layers} blocks, hidden {cfg.model.hidden_size}; "
              f"{spec.method} {spec.bits}-bit group {spec.group_size} on {dist.get_world_size()} rank(s)")

@@ -72,7 +72,7 @@ def test_damaged_checkpoint_is_skipped_under_auto_and_refused_by_path(data, stop
         why = f"{shard.name} does not match its digest (corrupted)"
     code, log = finish(single(train_args(data, str(tmp_path), "--train.steps", "6", "--resume", str(newest))))
     assert code == 2 and f"checkpoint error: checkpoint {newest} does not verify: {why}" in log, log
-    from quant.load import load_checkpoint
+    from pretrain.reshard import load_checkpoint
     if damage == "garbage":                                        # post-training reads the model files
         with pytest.raises(CheckpointError, match=re.escape(f"checkpoint {newest} does not verify: {why}")):
             load_checkpoint(str(newest))
@@ -106,7 +106,7 @@ def test_a_planted_pickle_runs_nothing(data, stopped_run, tmp_path, victim):
     assert code == 2 and f"checkpoint error: refusing to load {target}" in log, log
     assert not marker.exists()
     if victim.startswith("mp_rank"):
-        from quant.load import load_checkpoint
+        from pretrain.reshard import load_checkpoint
         with pytest.raises(CheckpointError, match="refusing to load"):
             load_checkpoint(str(newest))
         assert not marker.exists()

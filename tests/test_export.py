@@ -42,17 +42,18 @@ def reference(paths, quantized=None, task_limit=0):
     """Our logits [b, s, V] on BATCH per checkpoint, QAT quantizers off (what transformers runs),
     with ``quantized``'s weights when given; and our GPTLM's lambada_openai metrics on the first."""
     from data_prep.tokenizer import load_tokenizer
-    from pretrain.parallel import ParallelConfig, init_distributed
+    from pretrain.parallel_dims import ParallelConfig, init_distributed
     from quant import quantize
     from quant.convert import convert
     from quant.lm_eval_adapter import GPTLM, run_tasks
-    from quant.load import build_model, load_checkpoint
+    from pretrain.reshard import load_checkpoint
+    from quant.load import model_from_checkpoint
 
     init_distributed(ParallelConfig())
     logits, metrics = [], None
     for path in paths:
         ckpt = load_checkpoint(path)
-        model = build_model(ckpt)
+        model = model_from_checkpoint(ckpt)
         convert(model, 4 if quantized else 16, 16, quantize.load(quantized)[0] if quantized else None)
         with torch.no_grad():
             logits.append(model(BATCH).transpose(0, 1))
@@ -86,7 +87,7 @@ def test_transformers_logits_equal_ours(checkpoints, ours):
 
 
 def test_config_records_the_qat_clips(checkpoints):
-    from quant.load import load_checkpoint
+    from pretrain.reshard import load_checkpoint
 
     state = load_checkpoint(str(checkpoints / "llama-tp2")).state
     with open(checkpoints / "llama-tp2-hf" / "config.json") as f:

@@ -212,10 +212,10 @@ def test_kurtosis_grad_rejects_bad_input():
 # KurtosisPenalty: one autograd node per site
 # ---------------------------------------------------------------------------------------------
 
-def _penalty(reduce, lam=0.3):
+def _penalty(reduce, lambda_=0.3):
     from qat.kurtosis import KurtosisConfig, KurtosisPenalty
 
-    return KurtosisPenalty(KurtosisConfig(enabled=True, lambda_=lam, reduce=reduce),
+    return KurtosisPenalty(KurtosisConfig(enabled=True, lambda_=lambda_, reduce=reduce),
                            split_channels=False, split_tokens=False)
 
 
@@ -235,17 +235,17 @@ def test_penalty_adds_its_gradient_to_the_incoming_one(reduce, dtype, mean, monk
     from qat import kurtosis
 
     monkeypatch.setattr(kurtosis, "_grad_scale", 1.0)   # restored after the test
-    shape, lam, scale = (3, 5, 200), 0.3, 0.25
+    shape, lambda_, scale = (3, 5, 200), 0.3, 0.25
     y = _activations(shape, dtype, seed=20, mean=mean)
     g = _grad_out(shape, dtype, "contiguous", seed=21) * 0.03   # as large as the penalty's part
-    penalty = _penalty(reduce, lam)
+    penalty = _penalty(reduce, lambda_)
     yr = y.clone().requires_grad_()
     kurtosis.set_grad_scale(scale)
     out = penalty(yr)
     assert torch.equal(out, yr) and out.data_ptr() == yr.data_ptr()
     kurtosis.set_grad_scale(2 * scale)
     out.backward(g)
-    ref = _grad64(y, lam * scale / (15 if reduce == "mean" else 1), g)
+    ref = _grad64(y, lambda_ * scale / (15 if reduce == "mean" else 1), g)
     _assert_grad_close(yr.grad, ref, rtol=2 * _ulp(dtype) + 1e-5)
     assert min((ref - g.double()).abs().max(), g.abs().max()) > 0.05 * ref.abs().max()  # both tested
     assert penalty.tokens == 15

@@ -36,7 +36,7 @@ def save_checkpoint(out_dir: str, tp: int, pp: int = 1, extra: dict | None = Non
 
 
 def test_consolidated_tp2_checkpoint_equals_full_model(tmp_path):
-    from quant.load import load_checkpoint
+    from pretrain.reshard import load_checkpoint
 
     full = run_distributed(save_checkpoint, 2, str(tmp_path), 2)[0]
     ckpt = load_checkpoint(str(tmp_path))                  # run dir -> newest complete step
@@ -54,7 +54,7 @@ def test_consolidated_tp2_checkpoint_equals_full_model(tmp_path):
 
 
 def test_consolidated_pp2_checkpoint_equals_full_model(tmp_path):
-    from quant.load import load_checkpoint
+    from pretrain.reshard import load_checkpoint
 
     stages = run_distributed(save_checkpoint, 2, str(tmp_path), 1, 2)
     full = {**stages[0], **stages[1]}
@@ -67,18 +67,19 @@ def test_consolidated_pp2_checkpoint_equals_full_model(tmp_path):
 
 
 def logits_of_checkpoint(path):
-    from pretrain.parallel import ParallelConfig, init_distributed
-    from quant.load import build_model, load_checkpoint
+    from pretrain.parallel_dims import ParallelConfig, init_distributed
+    from pretrain.reshard import load_checkpoint
+    from quant.load import model_from_checkpoint
 
     init_distributed(ParallelConfig())
-    model = build_model(load_checkpoint(path))
+    model = model_from_checkpoint(load_checkpoint(path))
     return model(torch.arange(16)[None] % 96)
 
 
 def tiny_model(qat: bool, model_over: dict | None = None):
     from model.gpt import build_gpt
     from pretrain.config import config_from_dict
-    from pretrain.parallel import ParallelConfig, init_distributed
+    from pretrain.parallel_dims import ParallelConfig, init_distributed
     from qat.quantizer import attach_qat
 
     init_distributed(ParallelConfig())
@@ -312,3 +313,22 @@ def test_a_qat_models_a16_configurations_are_marked_quantizers_off():
         "config    wikitext2_ppl", "W16A16 †  10", "W4A4      11 (+10.0%)",
         f"† {off}: a QAT model runs with its learned clips (W16A4 is the model as trained)"]
     assert format_table(table).splitlines() == ["config  wikitext2_ppl", "W16A16  10", "W4A4    11 (+10.0%)"]
+
+
+def test_calibration_text_is_read_as_data_prep_reads_training_text(tmp_path):
+    """One document reader: text blocks split at blank lines, .xz read, a malformed line refused
+    with its location (post-training allows none), evaluation files not refused."""
+    import lzma
+
+    from data_prep.documents import MalformedInputError
+    from quant.corpora import C4, read_documents
+
+    text = tmp_path / "calib.txt.xz"
+    with lzma.open(text, "wt", encoding="utf-8") as f:
+        f.write("first line\nstill first\n\n\nsecond\n")
+    assert read_documents(str(text)) == ["first line\nstill first", "second"]
+    bad = tmp_path / "calib.jsonl"
+    bad.write_text('{"text": "fine"}\n{"txt": "no text key"}\n')
+    with pytest.raises(MalformedInputError, match=r"calib.jsonl:2 has no string under key 'text'"):
+        read_documents(str(bad))
+    assert len(read_documents(C4)) == 1000

@@ -47,16 +47,17 @@ def runs(tmp_path_factory):
 def requantize(run_dir, nsamples, seed):
     """The same GPTQ in-process, to compare with what the command line saved."""
     from data_prep.tokenizer import load_tokenizer
-    from pretrain.parallel import ParallelConfig, init_distributed
+    from pretrain.parallel_dims import ParallelConfig, init_distributed
     from quant.corpora import calibration_windows
     from quant.quantize import QuantSpec, quantize_model
-    from quant.load import build_model, load_checkpoint
+    from pretrain.reshard import load_checkpoint
+    from quant.load import model_from_checkpoint
 
     init_distributed(ParallelConfig())
     ckpt = load_checkpoint(run_dir)
     windows = calibration_windows(load_tokenizer(ckpt.config.data.tokenizer), ckpt.config.model.seq_length,
                                   nsamples, seed)
-    results, _ = quantize_model(build_model(ckpt), windows, QuantSpec("gptq", 4, 32, act_order=True))
+    results, _ = quantize_model(model_from_checkpoint(ckpt), windows, QuantSpec("gptq", 4, 32, act_order=True))
     return {name: (q.codes, q.scales, q.dequantize()) for name, q in results.items()}
 
 

@@ -43,7 +43,7 @@ def _runs(data: str, root: str, jobs: list) -> dict:
     import pretrain.run as run
     from pretrain import checkpoint
     from pretrain.config import ConfigError, load_config, validate, world_size_from_env
-    from pretrain.parallel import init_distributed
+    from pretrain.parallel_dims import init_distributed
 
     tokens, warnings, real = [], [], run.micro_batches
 

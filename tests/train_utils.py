@@ -7,7 +7,7 @@ from model.pipeline import to_gpt_name, to_pipeline_name
 from model.sharding import gather_state_dict, shard_state_dict
 from pretrain.config import config_from_dict
 from pretrain.engine import build_engine
-from pretrain.parallel import init_distributed
+from pretrain.parallel_dims import init_distributed
 from pretrain.parallelize import build_model, is_pipeline
 from pretrain.trainer import Trainer
 from qat.quantizer import attach_qat
