@@ -11,7 +11,7 @@ import torch
 
 import kernels
 from quant.grid import (check_bits, check_finite, dequantize_codes, minmax_params, quantize_codes,
-                       require)
+                        require)
 
 
 class TokenQuant(NamedTuple):

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from quant.grid import (DIMS, QuantizedWeight, check_bits, check_finite, dequantize_codes,
-                       group_count, minmax_params, natural_g_idx, pack_result, quantize_codes)
+                        group_count, minmax_params, natural_g_idx, pack_result, quantize_codes)
 
 log = logging.getLogger(__name__)
 MAX_DAMP_TRIES = 8

@@ -31,13 +31,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.distributed as dist
 
+from qat.quantizer import InputQuantizer
 from quant.adadim import adadim_quantize
 from quant.convert import BLOCK_LINEARS
+from quant.gptq import gptq_quantize
+from quant.grid import QuantizedWeight, rtn_quantize
 from quant.hessian import HessianAccumulator, quantize_distributed, rank_windows
 from quant.packing import load_quantized, save_quantized
-from qat.quantizer import InputQuantizer
-from quant.grid import QuantizedWeight, rtn_quantize
-from quant.gptq import gptq_quantize
 
 log = logging.getLogger("quant")
 METHODS = ("rtn", "gptq", "adadim-rtn", "adadim-gptq")

@@ -46,7 +46,8 @@ def _worker(rank, world_size, port, fn, args, out_dir):
 
 
 def run_distributed(fn, world_size: int, *args, timeout: float = 600):
-    """Call ``fn(*args)`` on ``world_size`` fresh processes (forked from the forkserver); return the list of results by rank.
+    """Call ``fn(*args)`` on ``world_size`` fresh processes (forked from the forkserver); return the
+    list of results by rank.
 
     ``fn`` must be a module-level function (it is pickled). It may call
     ``dist.init_process_group("gloo")`` itself, or use the project's own init, which reads the

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from kernels.mlp_act import (_activation_torch, _backward_triton, _gated, _load_input,
-                               act_fake_quant)
+                             act_fake_quant)
 from tests.quant_utils import fake_quant64
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
