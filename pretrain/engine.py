@@ -47,7 +47,10 @@ def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "zero_allow_untested_optimizer": True,   # torch's (fused) AdamW under ZeRO
-        "bf16": {"enabled": t.bf16},
+        # no per-gradient overflow check in bf16 (an amax/amin/isfinite per parameter and a host sync,
+        # most of the step's host time, issue 13): AdamW below skips a step with a non-finite
+        # gradient, which clipping turns into a NaN in the partition, on every rank together
+        "bf16": {"enabled": t.bf16, "check_grad_overflow": False},
         "fp16": {"enabled": t.fp16, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1},
         "steps_per_print": 10 ** 9,

@@ -105,10 +105,12 @@ def _nonfinite_run(overrides: dict, poisoned: set[int], steps: int) -> dict:
     return record
 
 
-@pytest.mark.parametrize("world, parallel", [(1, {"zero_stage": 0}), (2, {"pipeline": 2, "zero_stage": 1})],
-                         ids=["zero0", "pp2-zero1"])
-def test_nonfinite_loss_skips_the_step_and_repeated_ones_abort(world, parallel):
-    over = {"train": {"max_nonfinite_steps": 2}, "parallel": parallel}
+@pytest.mark.parametrize("world, parallel, bf16", [(1, {"zero_stage": 0}, False), (2, {"pipeline": 2, "zero_stage": 1}, False),
+                                                 (2, {"zero_stage": 1}, True), (2, {"zero_stage": 2}, True)],
+                         ids=["zero0", "pp2-zero1", "dp2-zero1-bf16", "dp2-zero2-bf16"])
+def test_nonfinite_loss_skips_the_step_and_repeated_ones_abort(world, parallel, bf16):
+    """bf16 under ZeRO has no DeepSpeed overflow check (engine.deepspeed_config): AdamW skips."""
+    over = {"train": {"max_nonfinite_steps": 2, "bf16": bf16}, "parallel": parallel}
     for rec in run_distributed(_nonfinite_run, world, over, {1, 3, 4}, 6):
         assert rec["moved"] == [True, False, True, False] and rec["skipped"] == 3
         assert [v != v for v in rec["losses"]] == [False, True, False, True]   # NaN on steps 1 and 3
