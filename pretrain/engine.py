@@ -3,6 +3,7 @@ import math
 
 import deepspeed
 import torch
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 import torch.distributed as dist
 
 from pretrain.config import Config, OptimConfig
@@ -38,18 +39,25 @@ def lr_at(step: int, cfg: OptimConfig, total_steps: int) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
+def clips_in_adamw(cfg: Config, dims: ParallelDims) -> bool:
+    """bf16 under ZeRO-1/2 without pipeline (DeepSpeed's ZeRO optimizer at loss scale 1): AdamW
+    clips and checks finiteness from DeepSpeed's gradient norm. Elsewhere DeepSpeed clips (fp16's
+    loss scale, ZeRO-0's and the pipeline's BF16_Optimizer)."""
+    return cfg.train.bf16 and cfg.parallel.zero_stage in (1, 2) and dims.pp == 1
+
+
 def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
     t = cfg.train
     ds = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation(dims.dp),
-        "gradient_clipping": cfg.optim.grad_clip,
+        "gradient_clipping": 0.0 if clips_in_adamw(cfg, dims) else cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
         "zero_allow_untested_optimizer": True,   # torch's (fused) AdamW under ZeRO
         # no per-gradient overflow check in bf16 (an amax/amin/isfinite per parameter and a host sync,
         # most of the step's host time, issue 13): AdamW below skips a step with a non-finite
-        # gradient, which clipping turns into a NaN in the partition, on every rank together
+        # gradient on every rank together (from DeepSpeed's global norm under ZeRO-1/2, inf then)
         "bf16": {"enabled": t.bf16, "check_grad_overflow": False},
         "fp16": {"enabled": t.fp16, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
                  "hysteresis": 2, "min_loss_scale": 1},
@@ -62,12 +70,33 @@ def deepspeed_config(cfg: Config, dims: ParallelDims) -> dict:
 
 
 class AdamW(torch.optim.AdamW):
-    """torch's AdamW that skips the update when any rank holds a non-finite gradient (what a
+    """torch's fused AdamW that skips the update when any rank holds a non-finite gradient (what a
     non-finite loss leaves), so one bad batch cannot poison the weights. Every rank calls step()
-    together (ZeRO partitions, pipeline stages), so the check is one world-wide all-reduce."""
+    together (ZeRO partitions, pipeline stages), so the check is one world-wide all-reduce and a
+    host read.
+
+    With ``clip_by`` set (bf16 under ZeRO-1/2, `clips_in_adamw`), DeepSpeed has already all-reduced
+    the global gradient norm when it calls step(), once per parameter group: it is inf exactly when
+    some gradient on some rank is not finite. Clipping by it here (DeepSpeed's own clipping is off)
+    and handing the fused kernel its finiteness as ``found_inf`` (which skips the update and the
+    step count on the GPU) leaves the host nothing to wait for: the check and DeepSpeed's
+    per-group test of the norm cost 6 host syncs a step (issue 13). The arithmetic is DeepSpeed's
+    ``unscale_and_clip_grads`` at loss scale 1, so the clipped gradient is the same bit for bit."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, fused=True, **kwargs)
+        self.clip_by = None       # (max norm, () -> DeepSpeed's global gradient norm tensor), from build_engine
 
     def step(self, closure=None):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self.clip_by is not None:
+            max_norm, global_norm = self.clip_by
+            norm = global_norm()
+            self.found_inf = (~torch.isfinite(norm)).float()
+            if max_norm > 0:
+                clip = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+                torch._foreach_mul_(grads, 1.0 / clip)
+            return super().step(closure)
         bad = torch.zeros(1, device=grads[0].device if grads else "cpu")
         if grads:
             bad += ~all_finite(grads)
@@ -103,10 +132,15 @@ def build_engine(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
     """deepspeed.initialize over our model and AdamW (the trainer sets the LR each step). TP/DP groups come from megatron-core;
     a pipeline model brings DeepSpeed's grid over the same topology instead (checked to agree)."""
     o = cfg.optim
-    optimizer = AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                      fused=torch.cuda.is_available())
+    optimizer = AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, dims),
                                            mpu=None if is_pipeline(model) else MegatronMPU())
+    if clips_in_adamw(cfg, dims):
+        zero = engine.optimizer
+        if not isinstance(zero, DeepSpeedZeroOptimizer):
+            raise RuntimeError(f"bf16 under ZeRO-{cfg.parallel.zero_stage} expected DeepSpeed's ZeRO optimizer, "
+                               f"got {type(zero).__name__}: gradient clipping would be off")
+        optimizer.clip_by = (o.grad_clip, lambda: zero._global_grad_norm)
     return engine
 
 

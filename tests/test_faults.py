@@ -6,6 +6,7 @@ it reports.
 Run as ``python -m tests.test_faults ARGS``, this module is ``pretrain.train`` except that rank 1
 kills itself with SIGKILL in the middle of its $KILL_AT_SAVE-th checkpoint save.
 """
+import functools
 import os
 import random
 import signal
@@ -157,10 +158,36 @@ def test_adamw_skips_exactly_when_one_gradient_is_nonfinite(dtype):
         assert all(torch.equal(a, b) for a, b in zip(after, initial)), value
     for value in (None, 1e30):
         result, after, state = _adamw_step(AdamW, dtype, value)
-        _, expected, _ = _adamw_step(torch.optim.AdamW, dtype, value)
+        _, expected, _ = _adamw_step(functools.partial(torch.optim.AdamW, fused=True), dtype, value)
         assert len(state) == 3 and all(s["step"].item() == 1 for s in state.values())
         assert all(torch.equal(a, b) for a, b in zip(after, expected))
         assert all(torch.isfinite(a).all() and not torch.equal(a, b) for a, b in zip(after, initial))
+
+
+@pytest.mark.parametrize("norm", [float("nan"), float("inf"), 2.5, 0.5], ids=["nan", "inf", "clipped", "unclipped"])
+def test_adamw_clip_by_global_norm_skips_or_clips(norm):
+    """``clip_by`` (bf16 ZeRO-1/2): a non-finite global norm skips the update with no host read
+    (the weights and the step count stay); a finite one scales the gradients by
+    max_norm / (norm + 1e-6) when above max_norm, as DeepSpeed does, then steps."""
+    params, initial = _params(torch.float32), _params(torch.float32)
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    grads = [p.grad.clone() for p in params]
+    opt = AdamW(params, lr=1e-2, weight_decay=0.1)
+    opt.clip_by = (1.0, lambda: torch.tensor(norm))
+    opt.step()
+    if norm != norm or norm == float("inf"):
+        assert all(torch.equal(a, b) for a, b in zip(params, initial))
+        assert all(s["step"].item() == 0 for s in opt.state.values())
+        return
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in initial]
+    for r, g in zip(ref, grads):
+        r.grad = g / max(1.0, (norm + 1e-6) / 1.0) if norm > 1.0 else g
+    torch.optim.AdamW(ref, lr=1e-2, weight_decay=0.1, fused=True).step()
+    assert all(s["step"].item() == 1 for s in opt.state.values())
+    for a, b in zip(params, ref):
+        torch.testing.assert_close(a, b, atol=0, rtol=1e-6)
+    assert not all(torch.equal(a, b) for a, b in zip(params, initial))
 
 
 def _adamw_poisoned_on_rank(bad_rank: int) -> bool:

@@ -50,3 +50,27 @@ def test_zero_over_two_ranks_matches_one(zero):
         torch.testing.assert_close(torch.tensor(out["grad_norms"]), torch.tensor(ref["grad_norms"]), atol=1e-5, rtol=1e-4)
         for name, p in ref["final"].items():
             torch.testing.assert_close(out["final"][name], p, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _run_clipped_by_deepspeed(overrides: dict, full_state: dict, steps: int) -> dict:
+    """`run` with DeepSpeed clipping (its `unscale_and_clip_grads`) and AdamW's own finiteness check,
+    as before AdamW clipped from DeepSpeed's norm."""
+    import pretrain.engine
+    pretrain.engine.clips_in_adamw = lambda cfg, dims: False
+    return run(overrides, full_state, steps)
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_adamw_clipping_matches_deepspeed_bit_for_bit(zero):
+    """bf16 under ZeRO-1/2 clips in AdamW from DeepSpeed's global norm (engine.clips_in_adamw): the
+    same losses, norms and fp32 master weights, to the bit, as DeepSpeed clipping (DP=2)."""
+    base = {"model": {"dropout": 0.0}, "train": {"bf16": True}, "parallel": {"zero_stage": zero}}
+    full = run_distributed(initial_state, 1, base)[0]
+    ours = run_distributed(run, 2, base, full, STEPS)
+    theirs = run_distributed(_run_clipped_by_deepspeed, 2, base, full, STEPS)
+    assert min(theirs[0]["grad_norms"]) > 0.3        # clipping was active on every step
+    for a, b in zip(ours, theirs):
+        assert a["losses"] == b["losses"] and a["grad_norms"] == b["grad_norms"]
+        assert a["final"].keys() == b["final"].keys()
+        for name, p in b["final"].items():
+            assert torch.equal(a["final"][name], p), name
