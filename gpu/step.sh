@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 source gpu/setup.sh
 timeout "${LIMIT:-300}" python3 bench/train_step.py --config configs/125m.yaml --micro-batch 16 \
   --variants "${VARIANTS:-plain-compile,ours-qat}" --repeats 2 --steps 15 --warmup 5 "$@" 2>&1 \
-  | grep -v "^\s*$" | tail -60
+  | tee "$OUT/step.log" | grep -v "^\s*$" | tail -60
