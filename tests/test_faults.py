@@ -119,6 +119,40 @@ def test_nonfinite_loss_skips_the_step_and_repeated_ones_abort(world, parallel, 
             in rec["error"]
 
 
+def _one_gradient_poisoned(overrides: dict) -> list[bool]:
+    """Two steps; on the first, rank 1 alone gets a NaN in one gradient element of one norm gain
+    (a parameter group without weight decay), with a finite loss. Returns, per step, whether any
+    fp32 master weight (this rank's ZeRO partitions: a bf16 weight hides one step's decay) moved."""
+    cfg, dims, model, quantizers, penalties = build(overrides)
+    trainer = Trainer(cfg, build_engine(model, cfg, dims), quantizers, penalties)
+    gain = next(p for n, p in model.named_parameters() if p.ndim == 1 and "norm" in n)
+
+    def poison(grad):
+        if trainer.step == 0 and dist.get_rank() == 1:
+            grad = grad.clone()
+            grad.view(-1)[0] = float("nan")
+        return grad
+    gain.register_hook(poison)
+    batches = rank_micro_batches(global_samples(cfg, 2 * cfg.train.global_batch_size), cfg.train.micro_batch_size)
+    master = trainer.engine.optimizer.single_partition_of_fp32_groups
+    moved = []
+    for _ in range(2):
+        before = [t.detach().clone() for t in master]
+        trainer.train_step(batches)
+        moved.append([not torch.equal(a, b) for a, b in zip(before, master)])
+    return moved
+
+
+@pytest.mark.parametrize("zero", [1, 2])
+def test_one_nonfinite_gradient_on_one_rank_skips_every_group_everywhere(zero):
+    """bf16 ZeRO: a NaN confined to one parameter group on one rank skips the whole update on every
+    rank (the global norm is inf: clipping by it would zero the other groups' gradients, and weight
+    decay and momentum would still move them), and the next step trains."""
+    over = {"model": {"dropout": 0.0}, "train": {"bf16": True}, "parallel": {"zero_stage": zero}}
+    for moved in run_distributed(_one_gradient_poisoned, 2, over):
+        assert len(moved[0]) == 2 and not any(moved[0]) and all(moved[1]), moved   # decay, no-decay groups
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_all_finite_sees_one_nonfinite_value_and_no_overflow(dtype):
     big = torch.finfo(dtype).max
