@@ -3,8 +3,8 @@ import math
 
 import deepspeed
 import torch
-from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 import torch.distributed as dist
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 from pretrain.config import Config, OptimConfig
 from pretrain.parallel_dims import MegatronMPU, ParallelDims
