@@ -63,7 +63,7 @@ def _run_clipped_by_deepspeed(overrides: dict, full_state: dict, steps: int) -> 
 @pytest.mark.parametrize("zero", [1, 2])
 def test_adamw_clipping_matches_deepspeed_bit_for_bit(zero):
     """bf16 under ZeRO-1/2 clips in AdamW from DeepSpeed's global norm (engine.clips_in_adamw): the
-    same losses, norms and fp32 master weights, to the bit, as DeepSpeed clipping (DP=2)."""
+    same losses, gradient norms and final weights, to the bit, as DeepSpeed clipping (DP=2)."""
     base = {"model": {"dropout": 0.0}, "train": {"bf16": True}, "parallel": {"zero_stage": zero}}
     full = run_distributed(initial_state, 1, base)[0]
     ours = run_distributed(run, 2, base, full, STEPS)
