@@ -5,7 +5,7 @@ micro-batch by plain autograd at the same weights (the eager run's last), compar
 parameter; plus each path's median step time and peak memory. tests/test_compile.py checks the same on CPU (fp32, tiny); this is the GPU
 check at a real size, bf16 by default (``--fp32`` for a tight comparison).
 
-    python bench/compile_check.py --config configs/125m.yaml --micro-batch 16 --steps 8
+    python bench/compile_check.py --config configs/125m.yaml --micro-batch 16 --steps 8 [--mode reduce-overhead]
 
 Prints a summary and writes compile_check.json to $OUT (or the current directory).
 """
@@ -109,6 +109,7 @@ def main():
     p.add_argument("--steps", type=int, default=8, help="trainer steps per path, >= 4: the first two compile, the "
                    "last records layer stats (which recompiles); the median step time is of the others")
     p.add_argument("--fp32", action="store_true", help="fp32 instead of the config's precision")
+    p.add_argument("--mode", default="default", help="train.compile_mode of the compiled path (reduce-overhead: CUDA graphs)")
     p.add_argument("--dry-run", action="store_true", help="allow a CPU run to check the script (configs/tiny.yaml)")
     args = p.parse_args()
     if args.steps < 4:
@@ -120,8 +121,8 @@ def main():
     if args.fp32:
         common += ["--train.bf16", "false", "--train.fp16", "false"]
     eager, initial, final = run(args.config, common + ["--train.compile", "false"], args.steps, None, None)
-    compiled, _, _ = run(args.config, common + ["--train.compile", "true"], args.steps, initial, final)
-    result = {"config": args.config, "micro_batch": args.micro_batch, "fp32": args.fp32, **compare(eager, compiled)}
+    compiled, _, _ = run(args.config, common + ["--train.compile", "true", "--train.compile_mode", args.mode], args.steps, initial, final)
+    result = {"config": args.config, "micro_batch": args.micro_batch, "fp32": args.fp32, "mode": args.mode, **compare(eager, compiled)}
     for name, r in (("eager", eager), ("compiled", compiled)):
         result[name] = {"losses": r["losses"], "grad_norms": r["grad_norms"], "step_ms": r["step_ms"],
                         "median_step_ms": statistics.median(r["step_ms"][2:-1]), "peak_mem_gib": r["peak_mem_gib"]}

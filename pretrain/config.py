@@ -20,6 +20,8 @@ from data_prep.config import DataConfig
 from model.config import GPTConfig
 from qat.config import KurtosisConfig, QATConfig
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")   # torch.compile's modes
+
 
 @dataclass
 class ParallelConfig:
@@ -63,6 +65,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5     # a step with a non-finite loss is skipped; this many in a row abort
     stop_at_step: int = 0            # save and exit 0 after this step, as on SIGTERM (time-sliced jobs); 0 = off
     compile: bool = False            # torch.compile each transformer block (QAT/kurtosis kernels as custom ops); needs parallel.tensor 1, no activation checkpointing
+    compile_mode: str = "default"    # torch.compile mode of the blocks: default | reduce-overhead (CUDA graphs: replays each block's forward and backward, for host-bound small models) | max-autotune-no-cudagraphs | max-autotune
 
 
 @dataclass
@@ -257,6 +260,10 @@ def validate(cfg: Config, world_size: int) -> None:
     if t.compile and p.tensor > 1:
         raise ConfigError(f"train.compile needs parallel.tensor=1, got {p.tensor}: megatron-core's TP linears "
                           f"all-reduce asynchronously in backward, which torch.compile cannot trace in one graph")
+    if t.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {t.compile_mode!r}")
+    if t.compile_mode != "default" and not t.compile:
+        raise ConfigError(f"train.compile_mode={t.compile_mode} needs train.compile: true")
     if t.compile and t.activation_checkpointing != "none":
         raise ConfigError(f"train.compile is not yet tested with activation checkpointing; use "
                           f"train.activation_checkpointing: none (got {t.activation_checkpointing})")

@@ -49,17 +49,19 @@ def _tp_group_if_none(tp_group, is_expert=False, check_initialized=True):
     return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
 
 
-def compile_blocks(model: torch.nn.Module) -> None:
+def compile_blocks(model: torch.nn.Module, mode: str = "default") -> None:
     """torch.compile each transformer block in place (``Module.compile``: parameter names and
     checkpoints unchanged), one graph per block with no breaks (``fullgraph``): the QAT and
     kurtosis kernels are custom ops there, and inductor fuses the elementwise work around them and
     the matmuls. Per block, not the whole model, so a pipeline stage compiles the same way and the
     embedding and megatron's vocab-parallel loss stay eager (DeepSpeed's ``engine.compile`` compiles
     the whole module). Blocks share one compiled graph; guards recompile it when the QAT step
-    activates the quantizers and on log steps (record_stats), so a handful of variants."""
+    activates the quantizers and on log steps (record_stats), so a handful of variants. ``mode``
+    is torch.compile's (``train.compile_mode``): reduce-overhead replays each block's forward and
+    backward as CUDA graphs (cudagraph trees), one launch where eager dispatches hundreds."""
     for module in model.modules():
         if isinstance(module, Block):
-            module.compile(fullgraph=True, dynamic=False)
+            module.compile(fullgraph=True, dynamic=False, mode=mode)
 
 
 def build_model(cfg: Config, dims: ParallelDims) -> torch.nn.Module:
@@ -74,7 +76,7 @@ def build_model(cfg: Config, dims: ParallelDims) -> torch.nn.Module:
                                partition_method=cfg.parallel.partition)
     checkpoint_activations(model, cfg.train.activation_checkpointing)
     if cfg.train.compile:
-        compile_blocks(model)
+        compile_blocks(model, cfg.train.compile_mode)
     return model
 
 

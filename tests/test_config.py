@@ -33,6 +33,9 @@ def _error(capsys, monkeypatch, world: int, *overrides: str) -> str:
     (2, ["--parallel.tensor", "2", "--train.compile", "true"], "train.compile needs parallel.tensor=1, got 2"),
     (1, ["--train.compile", "true", "--train.activation_checkpointing", "full"],
      "train.compile is not yet tested with activation checkpointing"),
+    (1, ["--train.compile", "true", "--train.compile_mode", "fast"], "train.compile_mode must be one of default, "
+     "reduce-overhead, max-autotune-no-cudagraphs, max-autotune, got 'fast'"),
+    (1, ["--train.compile_mode", "reduce-overhead"], "train.compile_mode=reduce-overhead needs train.compile: true"),
 ])
 def test_bad_config_is_refused_before_any_work(capsys, monkeypatch, world, overrides, message):
     assert message in _error(capsys, monkeypatch, world, *overrides)
