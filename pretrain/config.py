@@ -62,7 +62,7 @@ class TrainConfig:
     out_dir: str = "runs/default"    # TensorBoard logs and checkpoints go here
     peak_tflops: float = 0.0         # per-GPU peak for MFU; 0 = look up the GPU (H100/H200 bf16: 989)
     activation_checkpointing: str = "none"  # none | full (recompute each block) | selective (recompute the MLPs)
-    max_nonfinite_steps: int = 5     # a step with a non-finite loss is skipped; this many in a row abort
+    max_nonfinite_steps: int = 5     # a step with a non-finite loss or gradient is skipped; this many in a row abort
     stop_at_step: int = 0            # save and exit 0 after this step, as on SIGTERM (time-sliced jobs); 0 = off
     compile: bool = False            # torch.compile each transformer block (QAT/kurtosis kernels as custom ops); needs parallel.tensor 1, no activation checkpointing
     compile_mode: str = "default"    # torch.compile mode of the blocks: default | reduce-overhead (CUDA graphs: replays each block's forward and backward, for host-bound small models) | max-autotune-no-cudagraphs | max-autotune

@@ -86,13 +86,14 @@ class AdamW(torch.optim.AdamW):
     def __init__(self, params, **kwargs):
         super().__init__(params, fused=True, **kwargs)
         self.clip_by = None       # (max norm, () -> DeepSpeed's global gradient norm tensor), from build_engine
+        self.nonfinite = None     # 1. (a device tensor) when the last step() skipped for a non-finite gradient; the trainer counts it
 
     def step(self, closure=None):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         if self.clip_by is not None:
             max_norm, global_norm = self.clip_by
             norm = global_norm()
-            self.found_inf = (~torch.isfinite(norm)).float()
+            self.nonfinite = self.found_inf = (~torch.isfinite(norm)).float()
             if max_norm > 0:
                 clip = torch.clamp((norm + 1e-6) / max_norm, min=1.0)
                 torch._foreach_mul_(grads, 1.0 / clip)
@@ -102,6 +103,7 @@ class AdamW(torch.optim.AdamW):
             bad += ~all_finite(grads)
         if dist.is_initialized():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        self.nonfinite = bad
         return None if bad.item() else super().step(closure)
 
 

@@ -20,7 +20,7 @@ log = logging.getLogger("pretrain")
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many steps in a row had a non-finite loss."""
+    """Too many steps in a row had a non-finite loss or gradient."""
 
 
 def layer_names(model: torch.nn.Module, num_layers: int, pipeline: bool) -> dict:
@@ -51,7 +51,7 @@ class Trainer:
         self.names = layer_names(engine.module, cfg.model.num_layers, self.pipeline)
         self.step = 0                     # optimizer steps done
         self.consumed_samples = 0         # global samples consumed (the data position to resume from)
-        self.skipped_steps = 0            # steps skipped for a non-finite loss, in the whole run
+        self.skipped_steps = 0            # steps skipped for a non-finite loss or gradient, in the whole run
         self.nonfinite_in_row = 0
         self.last_checkpoint = None       # path of the newest checkpoint saved or resumed from (set by the loop)
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=engine.device)  # no host sync per step
@@ -99,6 +99,7 @@ class Trainer:
             raise RuntimeError(f"the training data ran out at step {self.step}")
         if not self._clips_ready and self.step >= self.cfg.qat.start_step:
             self._init_clips(batches[0])
+        self.engine.client_optimizer.nonfinite = None   # DeepSpeed's fp16 overflow check skips step() itself
         if self.pipeline:   # 1F1B over the micro-batches; the DP-mean loss comes back on every stage
             step_loss = self.engine.train_batch(iter([(b["tokens"], b["labels"]) for b in batches])).float()
         else:
@@ -120,7 +121,12 @@ class Trainer:
         return step_loss
 
     def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank and AdamW found no non-finite gradient (which a
+        finite loss can hide): one all-reduce and one host read a step, both checks in it."""
         ok = torch.isfinite(loss).float().reshape(1)
+        nonfinite_grads = self.engine.client_optimizer.nonfinite
+        if nonfinite_grads is not None:
+            ok = ok * (1 - nonfinite_grads.to(ok.device).reshape(1))
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
         return bool(ok.item())
 
@@ -130,12 +136,13 @@ class Trainer:
         self.skipped_steps += 1
         self.nonfinite_in_row += 1
         limit = self.cfg.train.max_nonfinite_steps
-        log.warning(f"step {self.step}: non-finite loss ({loss.item()} on rank {dist.get_rank()}); update "
+        what = "loss" if not torch.isfinite(loss).item() else "gradient"
+        log.warning(f"step {self.step}: non-finite {what} (loss {loss.item()} on rank {dist.get_rank()}); update "
                     f"skipped ({self.nonfinite_in_row} in a row, {self.skipped_steps} in this run)"
                     f"{self._inverted_clips()}")
         if self.nonfinite_in_row >= limit:
             raise NonFiniteLossError(
-                f"{self.nonfinite_in_row} steps in a row (up to step {self.step}) had a non-finite loss "
+                f"{self.nonfinite_in_row} steps in a row (up to step {self.step}) had a non-finite loss or gradient "
                 f"(train.max_nonfinite_steps={limit}): aborting. The last checkpoint, saved before the streak: "
                 f"{self.last_checkpoint or 'none'}; resume from it (--resume PATH) with a lower optim.lr, "
                 f"bf16 instead of fp16, or model.norm_fp32: true")

@@ -141,7 +141,7 @@ def test_nonfinite_abort_names_a_checkpoint_that_resumes_with_a_lower_lr(data, t
     root = tmp_path / "checkpoints"
     before = root / "step00000004"
     assert code == 1, log
-    assert (f"training aborted: 3 steps in a row (up to step 8) had a non-finite loss (train.max_nonfinite_steps=3): "
+    assert (f"training aborted: 3 steps in a row (up to step 8) had a non-finite loss or gradient (train.max_nonfinite_steps=3): "
             f"aborting. The last checkpoint, saved before the streak: {before}; resume from it (--resume PATH) "
             f"with a lower optim.lr") in log, log
     assert f"step 6: not saving a checkpoint, the step's loss was non-finite (the last one saved: {before})" in log

@@ -115,14 +115,15 @@ def test_nonfinite_loss_skips_the_step_and_repeated_ones_abort(world, parallel, 
     for rec in run_distributed(_nonfinite_run, world, over, {1, 3, 4}, 6):
         assert rec["moved"] == [True, False, True, False] and rec["skipped"] == 3
         assert [v != v for v in rec["losses"]] == [False, True, False, True]   # NaN on steps 1 and 3
-        assert "2 steps in a row (up to step 5) had a non-finite loss (train.max_nonfinite_steps=2): aborting" \
+        assert "2 steps in a row (up to step 5) had a non-finite loss or gradient (train.max_nonfinite_steps=2): aborting" \
             in rec["error"]
 
 
-def _one_gradient_poisoned(overrides: dict) -> list[bool]:
+def _one_gradient_poisoned(overrides: dict) -> tuple[list[list[bool]], int]:
     """Two steps; on the first, rank 1 alone gets a NaN in one gradient element of one norm gain
-    (a parameter group without weight decay), with a finite loss. Returns, per step, whether any
-    fp32 master weight (this rank's ZeRO partitions: a bf16 weight hides one step's decay) moved."""
+    (a parameter group without weight decay), with a finite loss. Returns, per step, whether each
+    fp32 master weight moved (this rank's ZeRO partitions, where a bf16 weight hides one step's
+    decay; the parameters themselves without ZeRO), and the trainer's count of skipped steps."""
     cfg, dims, model, quantizers, penalties = build(overrides)
     trainer = Trainer(cfg, build_engine(model, cfg, dims), quantizers, penalties)
     gain = next(p for n, p in model.named_parameters() if p.ndim == 1 and "norm" in n)
@@ -134,23 +135,26 @@ def _one_gradient_poisoned(overrides: dict) -> list[bool]:
         return grad
     gain.register_hook(poison)
     batches = rank_micro_batches(global_samples(cfg, 2 * cfg.train.global_batch_size), cfg.train.micro_batch_size)
-    master = trainer.engine.optimizer.single_partition_of_fp32_groups
+    master = getattr(trainer.engine.optimizer, "single_partition_of_fp32_groups", None) or list(model.parameters())
     moved = []
     for _ in range(2):
         before = [t.detach().clone() for t in master]
         trainer.train_step(batches)
         moved.append([not torch.equal(a, b) for a, b in zip(before, master)])
-    return moved
+    return moved, trainer.skipped_steps
 
 
-@pytest.mark.parametrize("zero", [1, 2])
-def test_one_nonfinite_gradient_on_one_rank_skips_every_group_everywhere(zero):
-    """bf16 ZeRO: a NaN confined to one parameter group on one rank skips the whole update on every
-    rank (the global norm is inf: clipping by it would zero the other groups' gradients, and weight
-    decay and momentum would still move them), and the next step trains."""
-    over = {"model": {"dropout": 0.0}, "train": {"bf16": True}, "parallel": {"zero_stage": zero}}
-    for moved in run_distributed(_one_gradient_poisoned, 2, over):
-        assert len(moved[0]) == 2 and not any(moved[0]) and all(moved[1]), moved   # decay, no-decay groups
+@pytest.mark.parametrize("parallel, bf16", [({"zero_stage": 1}, True), ({"zero_stage": 2}, True), ({"zero_stage": 0}, False)],
+                         ids=["zero1-bf16", "zero2-bf16", "zero0"])
+def test_one_nonfinite_gradient_on_one_rank_skips_every_group_everywhere(parallel, bf16):
+    """A NaN confined to one parameter group on one rank, under a finite loss, skips the whole update
+    on every rank, and the trainer counts the skip; the next step trains. bf16 ZeRO-1/2 (AdamW clips
+    and skips on the device): the global norm is inf, and clipping by it would zero the other
+    groups' gradients while weight decay and momentum still moved them. ZeRO-0: AdamW's own check."""
+    over = {"model": {"dropout": 0.0}, "train": {"bf16": bf16}, "parallel": parallel}
+    for moved, skipped in run_distributed(_one_gradient_poisoned, 2, over):
+        assert not any(moved[0]) and all(moved[1]) and skipped == 1, (moved, skipped)
+        assert len(moved[0]) == 2 or not parallel["zero_stage"]      # ZeRO: the decay and no-decay groups
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
