@@ -4,14 +4,16 @@ Activations flow as [sequence, batch, hidden] (megatron's layout, which sequence
 splits along its first dim). Tensor parallelism lives inside megatron-core's layers; this file
 only says which linears are column- and which row-parallel.
 """
-from functools import lru_cache
+import functools
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 
+from kernels import cross_entropy
 from model.config import GPTConfig
 from model.layers import Linear, Norm, activation, apply_rope, init_std_scaled, rope_cache
 
@@ -40,7 +42,7 @@ class Embedding(torch.nn.Module):
         return x
 
 
-@lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=8)
 def _rope(seq_len: int, head_dim: int, device: torch.device):
     cos, sin = rope_cache(seq_len, head_dim)
     return cos.to(device), sin.to(device)
@@ -122,9 +124,13 @@ class Head(torch.nn.Module):
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross entropy; logits [s, b, V/tp] (vocab split over TP), labels [b, s]."""
-    losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous())
-    return losses.mean()
+    """Mean next-token cross entropy; logits [s, b, V/tp] (vocab split over TP), labels [b, s].
+    Its backward overwrites the logits with their gradient (kernels.cross_entropy)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    group_sum = (functools.partial(dist.all_reduce, group=parallel_state.get_tensor_model_parallel_group())
+                 if tp > 1 else None)
+    return cross_entropy(logits, labels.t(), rank=parallel_state.get_tensor_model_parallel_rank(), ranks=tp,
+                         all_reduce=group_sum).mean()
 
 
 def build_layer(index: int, init_seed: int | None, layer: type, *args) -> torch.nn.Module:
