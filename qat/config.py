@@ -20,6 +20,7 @@ class QATConfig:
     init_value: float = 2.0          # init=constant: clips at +-init_value (2 beat the paper's 4)
     start_step: int = 0              # quantization is off before this step (GPU configs: 2 x warmup)
     layers: list[str] = field(default_factory=lambda: ["qkv", "proj", "fc1", "fc2"])  # of: qkv proj fc1 fc2 output (LM head)
+    recompute_inputs: bool = False   # backward rebuilds each norm's / MLP activation's quantized output from its input instead of keeping it (2 x hidden + ffn bf16 less per token and layer, one memory-bound kernel more per site)
 
     def validate(self) -> None:
         if not 2 <= self.bits <= 8:

@@ -12,6 +12,11 @@ other input (the attention output before proj) is quantized by ``run`` when the 
 reading the producer's tensor in place; the layer's saved copy of x_hat is then replaced by a
 recipe and x_hat is recomputed from x in backward (x is kept anyway: SDPA keeps its output). So QAT
 adds no memory passes at fused inputs and keeps no activation the unquantized model would not keep.
+With ``qat.recompute_inputs`` the fused inputs get the same treatment: the layer keeps the recipe
+(the producer's input, which the producer keeps anyway, and its parameters) instead of x_hat, and
+backward reruns the producer's forward kernel, which gives x_hat bit for bit. That keeps less than
+the unquantized model (whose linear keeps the norm's or activation's output), for one memory-bound
+kernel per site in backward.
 """
 import contextlib
 
@@ -47,25 +52,45 @@ def _storage_key(t: torch.Tensor):
 
 
 class _Recompute:
-    """What the layer keeps instead of x_hat: x and the clips to rebuild it."""
-    __slots__ = ("x", "clip", "bits")
+    """What the layer keeps instead of x_hat: the kernel that made it and its (detached) arguments,
+    all kept anyway by the producer."""
+    __slots__ = ("kernel", "args")
 
-    def __init__(self, x, clip, bits):
-        self.x, self.clip, self.bits = x, clip, bits
+    def __init__(self, kernel, *args):
+        self.kernel, self.args = kernel, args
 
 
 def _unpack(saved):
     if isinstance(saved, _Recompute):
-        return kernels.fake_quant_forward(saved.x, saved.clip, saved.bits)
+        with torch.no_grad():
+            return saved.kernel(*saved.args)
     return saved
+
+
+def _keeping_recipe(linear, x_hat: torch.Tensor, recipe: _Recompute):
+    """``linear(x_hat)`` with the layer's saved copy of x_hat replaced by ``recipe``."""
+    key = _storage_key(x_hat)
+
+    def pack(t):
+        return recipe if _storage_key(t) == key else t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
+        return linear(x_hat)
+
+
+def _plain_save() -> bool:
+    """Under activation checkpointing (which recomputes everything itself) and torch.compile (whose
+    partitioner picks what to save), the layer keeps x_hat the plain way."""
+    return bool(_checkpoint_depth) or torch.compiler.is_compiling()
 
 
 class InputQuantizer(torch.nn.Module):
     """Learned asymmetric per-tensor clip fake quantizer for one linear layer's input."""
 
-    def __init__(self, bits: int, init: str, init_value: float, splits_input: bool):
+    def __init__(self, bits: int, init: str, init_value: float, splits_input: bool, recompute: bool = False):
         super().__init__()
-        self.bits, self.init = bits, init
+        self.bits, self.init, self.recompute = bits, init, recompute
+        self._recipe = None                  # (key of x_hat, _Recompute) from the fused producer, for run()
         # (c_lo, c_hi) in one 1-D parameter: DeepSpeed's broadcasts cannot take 0-dim tensors.
         self.clip = torch.nn.Parameter(torch.tensor([-float(init_value), float(init_value)]))
         self.clip.is_clip = True             # own optimizer group: no weight decay, no momentum
@@ -135,6 +160,9 @@ class InputQuantizer(torch.nn.Module):
         x_hat = kernel(*args, clip, self.bits, clipped=clipped)
         if clipped is not None:
             self.clip_fraction = clipped / x_hat.numel()
+        if self.recompute and self.fused and torch.is_grad_enabled() and not _plain_save():
+            detached = (a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            self._recipe = _storage_key(x_hat), _Recompute(kernel, *detached, clip.detach(), self.bits)
         return x_hat
 
     def quantize_norm(self, x, weight, bias, eps: float, kind: str) -> torch.Tensor:
@@ -159,18 +187,15 @@ class InputQuantizer(torch.nn.Module):
         if not self.active:
             return linear(x.contiguous())
         if self.fused:
+            recipe, self._recipe = self._recipe, None
+            if recipe is not None and recipe[0] == _storage_key(x):
+                return _keeping_recipe(linear, x, recipe[1])
             return linear(x)
         x_hat = self._quantize(kernels.fake_quant, lambda: x, x)
-        if _checkpoint_depth or torch.compiler.is_compiling():   # compiled: the partitioner picks what to save
+        if _plain_save():
             return linear(x_hat)
-        key = _storage_key(x_hat)
-        recipe = _Recompute(x.detach(), self.clip.detach(), self.bits)
-
-        def pack(t):
-            return recipe if _storage_key(t) == key else t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack):
-            return linear(x_hat)
+        return _keeping_recipe(linear, x_hat, _Recompute(kernels.fake_quant_forward, x.detach(),
+                                                         self.clip.detach(), self.bits))
 
     @property
     def c_lo(self) -> torch.Tensor:
@@ -201,7 +226,8 @@ def attach_qat(model: torch.nn.Module, cfg: QATConfig) -> list[InputQuantizer]:
     quantizers = []
     for name, linear in linears(model):
         if name.rsplit(".", 1)[-1] in cfg.layers:
-            linear.input_quant = InputQuantizer(cfg.bits, cfg.init, cfg.init_value, linear.splits_input)
+            linear.input_quant = InputQuantizer(cfg.bits, cfg.init, cfg.init_value, linear.splits_input,
+                                                cfg.recompute_inputs)
             quantizers.append(linear.input_quant)
     return quantizers
 

@@ -86,7 +86,34 @@ def test_qat_keeps_no_second_copy_of_linear_inputs():
     assert qat <= base * 1.001, (base, qat)
 
 
-def _inputs_pinned_after_forward(mode):
+RECOMPUTE = {**QAT, "qat": {**QAT["qat"], "recompute_inputs": True}}
+
+
+def test_recomputed_inputs_are_not_kept():
+    """With qat.recompute_inputs the quantized outputs of the norms before qkv and fc1 and of the MLP
+    activation are not kept: exactly (2 x hidden + ffn) x tokens values per block less."""
+    from tests.train_utils import TINY, config_from_dict, merged
+
+    cfg = config_from_dict(merged(TINY, QAT))
+    qat, recompute = (run_distributed(_saved_activation_bytes, 1, o)[0] for o in (QAT, RECOMPUTE))
+    tokens = cfg.train.micro_batch_size * cfg.model.seq_length
+    per_block = (2 * cfg.model.hidden_size + cfg.model.ffn_size) * tokens * torch.float32.itemsize
+    assert qat - recompute == cfg.model.num_layers * per_block, (qat, recompute)
+
+
+@pytest.mark.parametrize("mlp", ["gelu", "swiglu"])
+def test_recomputed_inputs_give_the_same_loss_and_gradients_bit_for_bit(mlp):
+    layers = {"layers": ["qkv", "proj", "fc1", "fc2", "output"]}
+    over = {"model": {"mlp": mlp, "norm": "layernorm" if mlp == "gelu" else "rmsnorm"}}
+    kept = run_distributed(_qat_grads, 1, {**over, "qat": {**QAT["qat"], **layers}}, False)[0]
+    rebuilt = run_distributed(_qat_grads, 1, {**over, "qat": {**RECOMPUTE["qat"], **layers}}, False)[0]
+    assert kept[0] == rebuilt[0]
+    assert kept[1].keys() == rebuilt[1].keys()
+    for name, g in kept[1].items():
+        assert torch.equal(rebuilt[1][name], g), name
+
+
+def _inputs_pinned_after_forward(mode, overrides=QAT):
     """How many QAT linear inputs the autograd graph keeps for recomputing x_hat after a forward
     with activation checkpointing ``mode`` (each recipe pins one input's storage); and whether the
     clip gradients still arrive."""
@@ -95,7 +122,7 @@ def _inputs_pinned_after_forward(mode):
     from pretrain.parallelize import checkpoint_activations
     from qat.quantizer import _Recompute
 
-    cfg, _, model, quantizers, _ = build(QAT)
+    cfg, _, model, quantizers, _ = build(overrides)
     checkpoint_activations(model, mode)
     batch = next(rank_micro_batches(global_samples(cfg, cfg.train.micro_batch_size), cfg.train.micro_batch_size))
     loss = model(batch["tokens"], batch["labels"])
@@ -110,6 +137,9 @@ def test_checkpointing_leaves_quantized_inputs_to_the_checkpoint():
     assert run_distributed(_inputs_pinned_after_forward, 1, "none")[0] == (2, True)   # 2 blocks
     assert run_distributed(_inputs_pinned_after_forward, 1, "full")[0] == (0, True)
     assert run_distributed(_inputs_pinned_after_forward, 1, "selective")[0] == (2, True)  # attention is not checkpointed
+    # with qat.recompute_inputs, qkv's, fc1's and fc2's inputs too, unless a checkpoint recomputes them
+    assert run_distributed(_inputs_pinned_after_forward, 1, "none", RECOMPUTE)[0] == (8, True)
+    assert run_distributed(_inputs_pinned_after_forward, 1, "full", RECOMPUTE)[0] == (0, True)
 
 
 @pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
