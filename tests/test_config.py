@@ -61,7 +61,7 @@ def test_unknown_yaml_key_names_the_closest_known_one(capsys, monkeypatch, tmp_p
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert main(["--config", str(typo)]) == 2
     assert capsys.readouterr().err == ("config error: unknown config key qat.'enabeld' (did you mean qat.enabled?); "
-                                       "known keys of qat: bits, enabled, init, init_value, layers, start_step\n")
+                                       "known keys of qat: bits, enabled, init, init_value, layers, recompute_inputs, start_step\n")
 
 
 def test_yaml_syntax_errors_are_one_line_naming_the_file_or_override(capsys, monkeypatch, tmp_path):

@@ -54,7 +54,7 @@ def test_runs_points_lengths_and_schedule(tmp_path, monkeypatch):
 @pytest.mark.parametrize("changes, message", [
     ({"arms": [{"name": "baseline", "overrides": {"qat.enabeld": False}}]},
      r"^arm baseline: unknown config key qat.'enabeld' \(did you mean qat.enabled\?\); known keys of qat: bits, "
-     r"enabled, init, init_value, layers, start_step$"),
+     r"enabled, init, init_value, layers, recompute_inputs, start_step$"),
     ({"arms": [{"name": "baseline", "overide": {}}]},
      r"^unknown config key arms\[0\].'overide' \(did you mean arms\[0\].overrides\?\); known keys of arms\[0\]: "
      r"fractions, lengths, name, overrides, seeds$"),
