@@ -1,10 +1,14 @@
 """The DeepSpeed engine: ZeRO, mixed precision, gradient clipping and accumulation, from our config."""
+import functools
 import math
 
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.constants import PIPE_REPLICATED
+from deepspeed.runtime.utils import is_model_parallel_parameter
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from deepspeed.runtime.zero.utils import get_norm_dtype
 
 from pretrain.config import Config, OptimConfig
 from pretrain.parallel_dims import MegatronMPU, ParallelDims
@@ -123,6 +127,30 @@ def all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=device)
 
 
+def fused_grad_norm(zero: DeepSpeedZeroOptimizer, gradients, params, norm_type=2):
+    """DeepSpeed's ZeRO-1/2 ``get_grad_norm_direct`` for the 2-norm its step takes, with the
+    per-gradient work in one foreach kernel and no host read. The same gradients count (a
+    pipeline-replicated one once, one not split over TP on TP rank 0 only), each norm accumulates
+    in DeepSpeed's norm dtype (fp64 on GPUs) without its fp64 copy of every gradient, the same
+    all-reduces follow, and a non-finite total becomes its -1 without its ``masked_fill_``, whose
+    tensor fill value is read back to the host (a sync per parameter group, issue 13)."""
+    if float(norm_type) != 2.0:
+        return DeepSpeedZeroOptimizer.get_grad_norm_direct(zero, gradients, params, norm_type)
+    unpadded = (g for g in gradients if not getattr(g, "_zero_padding", False))
+    counted = [g.detach() for g, p in zip(unpadded, params)
+               if not (hasattr(p, PIPE_REPLICATED) and p.ds_pipe_replicated)
+               and (is_model_parallel_parameter(p) or zero.model_parallel_rank == 0)]
+    if counted:
+        norms = torch._foreach_norm(counted, 2.0, dtype=get_norm_dtype())
+        total = torch.stack(norms).to(zero.device).pow(2.0).sum().float()
+    else:
+        total = torch.zeros((), dtype=torch.float32, device=zero.device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=zero.dp_process_group)
+    zero._model_parallel_all_reduce(tensor=total, op=dist.ReduceOp.SUM)
+    total = total.pow(0.5)
+    return torch.where(torch.isfinite(total), total, -1.0)
+
+
 def set_lr(engine, step: int, cfg: Config) -> None:
     """The learning rate is a function of the step alone, so skipped steps and resumes cannot
     shift the schedule."""
@@ -137,6 +165,8 @@ def build_engine(model: torch.nn.Module, cfg: Config, dims: ParallelDims):
     optimizer = AdamW(param_groups(model, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, dims),
                                            mpu=None if is_pipeline(model) else MegatronMPU())
+    if isinstance(engine.optimizer, DeepSpeedZeroOptimizer):
+        engine.optimizer.get_grad_norm_direct = functools.partial(fused_grad_norm, engine.optimizer)
     if clips_in_adamw(cfg, dims):
         zero = engine.optimizer
         if not isinstance(zero, DeepSpeedZeroOptimizer):

@@ -74,3 +74,49 @@ def test_adamw_clipping_matches_deepspeed_bit_for_bit(zero):
         assert a["final"].keys() == b["final"].keys()
         for name, p in b["final"].items():
             assert torch.equal(a["final"][name], p), name
+
+
+def _grad_norms_both_ways(overrides: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """After one forward-backward: each parameter group's gradient norm over this rank's ZeRO
+    partition by engine.fused_grad_norm and by DeepSpeed's get_grad_norm_direct; then again with
+    one gradient element made inf on rank 1."""
+    import torch.distributed as dist
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from pretrain.engine import build_engine, fused_grad_norm
+    from tests.train_utils import build, global_samples, rank_micro_batches
+
+    cfg, dims, model, _, _ = build(overrides)
+    engine = build_engine(model, cfg, dims)
+    zero = engine.optimizer
+    batch = next(rank_micro_batches(global_samples(cfg, cfg.train.global_batch_size), cfg.train.micro_batch_size))
+    engine.backward(engine(batch["tokens"], batch["labels"]))
+    out = []
+    for poisoned in (False, True):
+        if poisoned and dist.get_rank() == 1:
+            zero.averaged_gradients[0][0].view(-1)[0] = float("inf")
+        for i, params in enumerate(zero.params_in_partition):
+            grads = zero.averaged_gradients[i]
+            out.append((fused_grad_norm(zero, grads, params),
+                        DeepSpeedZeroOptimizer.get_grad_norm_direct(zero, grads, params)))
+    return out
+
+
+@pytest.mark.parametrize("parallel", [{"zero_stage": 1}, {"zero_stage": 2}, {"zero_stage": 1, "tensor": 2}],
+                         ids=["zero1-dp2", "zero2-dp2", "zero1-tp2"])
+def test_fused_grad_norm_matches_deepspeeds(parallel):
+    """The norm the ZeRO step clips and checks by (engine.fused_grad_norm, installed by build_engine)
+    equals DeepSpeed's own, counting TP-replicated parameters once, and is its -1 when a gradient
+    on any rank is not finite."""
+    dp = 2 // parallel.get("tensor", 1)
+    over = {"model": {"dropout": 0.0}, "train": {"bf16": True, "micro_batch_size": 2, "global_batch_size": 2 * dp},
+            "parallel": parallel}
+    for rank_norms in run_distributed(_grad_norms_both_ways, 2, over):
+        finite, poisoned = rank_norms[:len(rank_norms) // 2], rank_norms[len(rank_norms) // 2:]
+        assert len(finite) == 2                                   # the decay and no-decay groups
+        for ours, theirs in finite:
+            assert ours.dtype == theirs.dtype == torch.float32 and ours > 0
+            torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=0)
+        assert [float(n) for n in poisoned[0]] == [-1.0, -1.0]   # every rank sees rank 1's inf
+        for ours, theirs in poisoned[1:]:
+            torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=0)
