@@ -93,7 +93,8 @@ class Trainer:
         set_qat_step(self.quantizers, self.step, self.cfg.qat)
         set_lr(self.engine, self.step, self.cfg)
         set_grad_scale(loss_scale(self.engine) / self.gas)
-        self.engine.train()
+        if not self.engine.module.training:    # a walk over every module: not on every step
+            self.engine.train()
         batches = list(itertools.islice(micro_batches, self.gas))
         if len(batches) < self.gas:
             raise RuntimeError(f"the training data ran out at step {self.step}")
