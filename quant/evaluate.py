@@ -20,8 +20,8 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
+from kernels import cross_entropy
 from quant.convert import QUANTIZERS_OFF
 
 log = logging.getLogger("quant")
@@ -38,10 +38,8 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, label: str = "
     batches = range(0, len(windows), batch_size)
     for k, i in enumerate(batches):
         batch = windows[i:i + batch_size].to(device)
-        logits = model(batch).float().transpose(0, 1)[:, :-1]            # [b, s-1, V]
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                 reduction="none").view(len(batch), -1)
-        total += losses.mean(dim=1).sum().item()
+        losses = cross_entropy(model(batch)[:-1], batch.t()[1:])          # [s-1, b], the training loss
+        total += losses.mean(dim=0).sum().item()
         if k % 20 == 19:
             rate = (k + 1) / (time.perf_counter() - start)
             log.info(f"  {label} ppl batch {k + 1}/{len(batches)} | {rate:.2f} batch/s | "
