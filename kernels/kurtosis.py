@@ -21,7 +21,9 @@ local: each rank's dy is exactly its slice of the single-process gradient.
 Two entry points serve a regularizer that needs no autograd graph of its own:
 token_kurtosis_stats (kappa and the backward stats) and token_kurtosis_grad (the gradient,
 added to the one arriving from downstream in the same pass: one read of y and of grad_out, one
-write). token_kurtosis is the differentiable composition of the two.
+write). token_kurtosis is the differentiable composition of the two. When the forward needs no
+kappa (no logging) and the channels are whole, token_kurtosis_grad takes no stats and forms them
+from the row it holds anyway, so the forward runs no kernel at all.
 """
 import torch
 import triton
@@ -74,8 +76,10 @@ def _moments_torch(y2d, eps):
     return _finish(pivot, _pivot_sums_torch(y2d, pivot), y2d.shape[-1], eps)
 
 
-def _grad_torch(y2d, stats, g, grad_out=None):
-    """g: per-token (T,) fp32 tensor or a float; grad_out: (T, N) or None."""
+def _grad_torch(y2d, stats, g, grad_out=None, eps=KURTOSIS_EPS):
+    """g: per-token (T,) fp32 tensor or a float; grad_out: (T, N) or None; stats None: from y2d."""
+    if stats is None:
+        stats = _moments_torch(y2d, eps)[1]
     pivot, e, m3, kappa_m2, coef = (s[:, None] for s in stats.unbind(-1))
     if isinstance(g, torch.Tensor):
         g = g[:, None]
@@ -91,6 +95,30 @@ def _grad_torch(y2d, stats, g, grad_out=None):
 # ---------------------------------------------------------------------------------------------
 
 @triton.jit
+def _pivot_sums(y, mask, pivot):
+    """The row's sums of (y - pivot)^k, k = 1..4."""
+    d = tl.where(mask, y - pivot, 0.0)
+    d2 = d * d
+    return tl.sum(d, axis=0), tl.sum(d2, axis=0), tl.sum(d2 * d, axis=0), tl.sum(d2 * d2, axis=0)
+
+
+@triton.jit
+def _row_stats(y, mask, n_cols, eps):
+    """_finish for one whole token held in registers: (pivot, e, m3, kappa, m2, 4 / (N D))."""
+    pivot = tl.sum(y, axis=0) / n_cols
+    s1, s2, s3, s4 = _pivot_sums(y, mask, pivot)
+    e = s1 / n_cols
+    p2 = s2 / n_cols
+    p3 = s3 / n_cols
+    m2 = p2 - e * e
+    m3 = p3 - e * (3.0 * p2 - 2.0 * e * e)
+    m4 = s4 / n_cols - e * (4.0 * p3 - e * (6.0 * p2 - 3.0 * e * e))
+    denom = m2 * m2 + eps
+    kappa = m4 / denom
+    return pivot, e, m3, kappa, m2, 4.0 / (n_cols * denom)
+
+
+@triton.jit
 def _moments_kernel(y_ptr, pivot_ptr, sums_ptr, kappa_ptr, stats_ptr, n_cols, eps,
                     PIVOT_GIVEN: tl.constexpr, BLOCK_N: tl.constexpr):
     """One pass over a row. PIVOT_GIVEN (tensor parallel): write the local sums of (y - p)^k
@@ -100,54 +128,45 @@ def _moments_kernel(y_ptr, pivot_ptr, sums_ptr, kappa_ptr, stats_ptr, n_cols, ep
     mask = cols < n_cols
     y = tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
     if PIVOT_GIVEN:
-        pivot = tl.load(pivot_ptr + row)
-    else:
-        pivot = tl.sum(y, axis=0) / n_cols
-    d = tl.where(mask, y - pivot, 0.0)
-    d2 = d * d
-    s1 = tl.sum(d, axis=0)
-    s2 = tl.sum(d2, axis=0)
-    s3 = tl.sum(d2 * d, axis=0)
-    s4 = tl.sum(d2 * d2, axis=0)
-    if PIVOT_GIVEN:
+        s1, s2, s3, s4 = _pivot_sums(y, mask, tl.load(pivot_ptr + row))
         tl.store(sums_ptr + 4 * row, s1)
         tl.store(sums_ptr + 4 * row + 1, s2)
         tl.store(sums_ptr + 4 * row + 2, s3)
         tl.store(sums_ptr + 4 * row + 3, s4)
-    else:  # _finish, fused
-        e = s1 / n_cols
-        p2 = s2 / n_cols
-        p3 = s3 / n_cols
-        m2 = p2 - e * e
-        m3 = p3 - e * (3.0 * p2 - 2.0 * e * e)
-        m4 = s4 / n_cols - e * (4.0 * p3 - e * (6.0 * p2 - 3.0 * e * e))
-        denom = m2 * m2 + eps
-        kappa = m4 / denom
+    else:
+        pivot, e, m3, kappa, m2, coef = _row_stats(y, mask, n_cols, eps)
         tl.store(kappa_ptr + row, kappa)
         tl.store(stats_ptr + 5 * row, pivot)
         tl.store(stats_ptr + 5 * row + 1, e)
         tl.store(stats_ptr + 5 * row + 2, m3)
         tl.store(stats_ptr + 5 * row + 3, kappa * m2)
-        tl.store(stats_ptr + 5 * row + 4, 4.0 / (n_cols * denom))
+        tl.store(stats_ptr + 5 * row + 4, coef)
 
 
 @triton.jit
-def _grad_kernel(y_ptr, stats_ptr, g_ptr, g_scalar, gout_ptr, gout_stride, dy_ptr, n_cols,
-                 G_PER_TOKEN: tl.constexpr, ADD_GRAD_OUT: tl.constexpr, BLOCK_N: tl.constexpr):
+def _grad_kernel(y_ptr, stats_ptr, g_ptr, g_scalar, gout_ptr, gout_stride, dy_ptr, n_cols, eps,
+                 G_PER_TOKEN: tl.constexpr, ADD_GRAD_OUT: tl.constexpr, STATS_GIVEN: tl.constexpr,
+                 BLOCK_N: tl.constexpr):
     """dy = g * coef * (d^3 - m3 - kappa*m2 * d) [+ grad_out]: g per token (G_PER_TOKEN) or the
-    same g_scalar for every token; adding grad_out here saves autograd a separate read-read-write."""
+    same g_scalar for every token; adding grad_out here saves autograd a separate read-read-write.
+    Without STATS_GIVEN the row's stats come from the row itself, already in registers."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
     mask = cols < n_cols
     y = tl.load(y_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
-    pivot = tl.load(stats_ptr + 5 * row)
-    e = tl.load(stats_ptr + 5 * row + 1)
-    m3 = tl.load(stats_ptr + 5 * row + 2)
-    kappa_m2 = tl.load(stats_ptr + 5 * row + 3)
-    if G_PER_TOKEN:
-        scale = tl.load(g_ptr + row) * tl.load(stats_ptr + 5 * row + 4)
+    if STATS_GIVEN:
+        pivot = tl.load(stats_ptr + 5 * row)
+        e = tl.load(stats_ptr + 5 * row + 1)
+        m3 = tl.load(stats_ptr + 5 * row + 2)
+        kappa_m2 = tl.load(stats_ptr + 5 * row + 3)
+        coef = tl.load(stats_ptr + 5 * row + 4)
     else:
-        scale = g_scalar * tl.load(stats_ptr + 5 * row + 4)
+        pivot, e, m3, kappa, m2, coef = _row_stats(y, mask, n_cols, eps)
+        kappa_m2 = kappa * m2
+    if G_PER_TOKEN:
+        scale = tl.load(g_ptr + row) * coef
+    else:
+        scale = g_scalar * coef
     d = (y - pivot) - e
     dy = scale * (d * d * d - m3 - kappa_m2 * d)
     if ADD_GRAD_OUT:
@@ -196,14 +215,15 @@ def _pivot_sums_triton(y2d, pivot):
     return sums
 
 
-def _grad_triton(y2d, stats, g, grad_out=None):
-    """g: per-token (T,) fp32 tensor or a float; grad_out: None or (T, N) with unit column stride."""
+def _grad_triton(y2d, stats, g, grad_out=None, eps=KURTOSIS_EPS):
+    """g: per-token (T,) fp32 tensor or a float; grad_out: None or (T, N) with unit column stride;
+    stats None: from y2d, in the same pass."""
     rows, n = y2d.shape
     dy = torch.empty_like(y2d)
-    per_token, add = isinstance(g, torch.Tensor), grad_out is not None
-    _grad_kernel[(rows,)](y2d, stats, g if per_token else stats, 0.0 if per_token else g,
-                          grad_out if add else y2d, grad_out.stride(0) if add else 0, dy, n,
-                          G_PER_TOKEN=per_token, ADD_GRAD_OUT=add, **_grad_launch(n))
+    per_token, add, given = isinstance(g, torch.Tensor), grad_out is not None, stats is not None
+    _grad_kernel[(rows,)](y2d, stats if given else y2d, g if per_token else y2d, 0.0 if per_token else g,
+                          grad_out if add else y2d, grad_out.stride(0) if add else 0, dy, n, eps,
+                          G_PER_TOKEN=per_token, ADD_GRAD_OUT=add, STATS_GIVEN=given, **_grad_launch(n))
     return dy
 
 
@@ -240,14 +260,14 @@ def _(y2d, eps, impl):
 
 
 @torch.library.custom_op("qat_kernels::token_kurtosis_grad", mutates_args=())
-def _grad_op(y2d: torch.Tensor, stats: torch.Tensor, g: float, grad_out: torch.Tensor | None,
-             impl: str) -> torch.Tensor:
+def _grad_op(y2d: torch.Tensor, stats: torch.Tensor | None, g: float, grad_out: torch.Tensor | None,
+             impl: str, eps: float) -> torch.Tensor:
     """What torch.compile sees of the gradient kernel (the same dL/dkappa g for every token)."""
-    return _GRAD[impl](y2d, stats, g, grad_out)
+    return _GRAD[impl](y2d, stats, g, grad_out, eps)
 
 
 @_grad_op.register_fake
-def _(y2d, stats, g, grad_out, impl):
+def _(y2d, stats, g, grad_out, impl, eps):
     return torch.empty_like(y2d)
 
 
@@ -262,7 +282,7 @@ def _stats(y, eps, all_reduce, impl):
     return kappa.view(y.shape[:-1]), stats
 
 
-def _grad(y, stats, g_kappa, grad_out, impl):
+def _grad(y, stats, g_kappa, grad_out, impl, eps=KURTOSIS_EPS):
     n = y.shape[-1]
     if isinstance(g_kappa, torch.Tensor):
         g_kappa = g_kappa.reshape(-1).float().contiguous()
@@ -272,9 +292,9 @@ def _grad(y, stats, g_kappa, grad_out, impl):
             grad_out = grad_out.contiguous()
     y2d = y.reshape(-1, n).contiguous()
     if torch.compiler.is_compiling() and not isinstance(g_kappa, torch.Tensor):
-        dy = _grad_op(y2d, stats, g_kappa, grad_out, impl)
+        dy = _grad_op(y2d, stats, g_kappa, grad_out, impl, eps)
     else:
-        dy = _GRAD[impl](y2d, stats, g_kappa, grad_out)
+        dy = _GRAD[impl](y2d, stats, g_kappa, grad_out, eps)
     return dy.view(y.shape)
 
 
@@ -313,15 +333,17 @@ def token_kurtosis_stats(y, eps=KURTOSIS_EPS, all_reduce=None, impl=None):
 
 
 @torch.no_grad()
-def token_kurtosis_grad(y, stats, g_kappa, grad_out=None, impl=None):
+def token_kurtosis_grad(y, stats, g_kappa, grad_out=None, impl=None, eps=KURTOSIS_EPS):
     """d(sum_t g_kappa_t * kappa_t)/dy + grad_out, in one pass, as a tensor like y (fp32 math).
 
-    stats: from token_kurtosis_stats(y). g_kappa: a float (the same dL/dkappa for every token) or
-    a tensor of shape y.shape[:-1]. grad_out: None or a tensor of y's shape, any strides.
+    stats: from token_kurtosis_stats(y), or None to compute them from y in the same pass (whole
+    tokens only: with channels split over ranks they need token_kurtosis_stats' all-reduces).
+    g_kappa: a float (the same dL/dkappa for every token) or a tensor of shape y.shape[:-1].
+    grad_out: None or a tensor of y's shape, any strides. eps: as token_kurtosis_stats' (with stats None).
     """
-    _check_args(y, KURTOSIS_EPS)
+    _check_args(y, eps)
     tokens = y.numel() // y.shape[-1]
-    if stats.shape != (tokens, 5) or stats.dtype != torch.float32:
+    if stats is not None and (stats.shape != (tokens, 5) or stats.dtype != torch.float32):
         raise ValueError(f"token_kurtosis_grad: stats must be fp32 of shape ({tokens}, 5), got "
                          f"{stats.dtype} {tuple(stats.shape)}")
     if isinstance(g_kappa, torch.Tensor) and g_kappa.shape != y.shape[:-1]:
@@ -332,4 +354,4 @@ def token_kurtosis_grad(y, stats, g_kappa, grad_out=None, impl=None):
                          f"got {tuple(grad_out.shape)}")
     if not isinstance(g_kappa, torch.Tensor):
         g_kappa = float(g_kappa)
-    return _grad(y, stats, g_kappa, grad_out, resolve_impl(impl, y))
+    return _grad(y, stats, g_kappa, grad_out, resolve_impl(impl, y), float(eps))

@@ -5,8 +5,10 @@ output unchanged and adds ``d(lambda x reduce_t(kappa_t))/dy`` to the output's g
 (moments combined over the TP group when the output is split by channels), so the penalty's
 gradient enters backward right there without a loss term: the model's forward signature is
 unchanged and it works the same under pipeline parallelism, where earlier stages never see the
-loss. Per site and step that is one moments kernel in forward and one kernel in backward that reads
-y and the incoming gradient and writes their sum (``kernels.kurtosis.token_kurtosis_grad``). The
+loss. Per site and step that is one kernel in backward that reads y and the incoming gradient,
+forms the token's moments from the row it holds and writes the sum of the two gradients
+(``kernels.kurtosis.token_kurtosis_grad``); the moments kernel runs in forward only where kappa is
+logged (``record_stats``) or the channels are split over TP ranks (its all-reduces). The
 trainer sets the gradient scale the engine applies to the main loss (loss scale / gradient
 accumulation steps) with :func:`set_grad_scale` before the step's forwards, which read it.
 """
@@ -34,20 +36,20 @@ def set_grad_scale(scale: float) -> None:
 
 class _Penalize(torch.autograd.Function):
     """Returns y; backward returns the incoming gradient plus the penalty's, from one kernel.
-    Saved: y and five fp32 numbers per token. No side effects, so torch.compile traces it (the
-    kernels inside are custom ops there); the gradient scale is read in forward, where a compiled
-    graph guards on it."""
+    Saved: y, and five fp32 numbers per token when the forward computed them (stats None: the
+    backward kernel does). No side effects, so torch.compile traces it (the kernels inside are
+    custom ops there); the gradient scale is read in forward, where a compiled graph guards on it."""
 
     @staticmethod
-    def forward(ctx, y, stats, g_kappa):
+    def forward(ctx, y, stats, g_kappa, eps):
         ctx.save_for_backward(y, stats)
-        ctx.g_kappa = g_kappa
+        ctx.g_kappa, ctx.eps = g_kappa, eps
         return y.view_as(y)
 
     @staticmethod
     def backward(ctx, g):
         y, stats = ctx.saved_tensors
-        return token_kurtosis_grad(y, stats, ctx.g_kappa, grad_out=g), None, None
+        return token_kurtosis_grad(y, stats, ctx.g_kappa, grad_out=g, eps=ctx.eps), None, None, None
 
 
 class KurtosisPenalty(torch.nn.Module):
@@ -72,12 +74,15 @@ class KurtosisPenalty(torch.nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if not ((torch.is_grad_enabled() and y.requires_grad) or self.record_stats):
             return y                         # evaluation: nothing to penalize or log
-        kappa, stats = token_kurtosis_stats(y, eps=self.eps, all_reduce=self.channel_all_reduce())
-        self.tokens = kappa.numel() * (parallel_state.get_tensor_model_parallel_world_size()
-                                       if self.split_tokens else 1)
+        all_reduce = self.channel_all_reduce()
+        stats = None                         # the backward kernel forms them from y
+        if self.record_stats or all_reduce is not None:
+            kappa, stats = token_kurtosis_stats(y, eps=self.eps, all_reduce=all_reduce)
         self.kurtosis_sum = kappa.sum() if self.record_stats else None
+        self.tokens = y.numel() // y.shape[-1] * (parallel_state.get_tensor_model_parallel_world_size()
+                                                  if self.split_tokens else 1)
         lambda_per_kappa = self.lambda_ / self.tokens if self.reduce == "mean" else self.lambda_
-        return _Penalize.apply(y, stats, lambda_per_kappa * _grad_scale)
+        return _Penalize.apply(y, stats, lambda_per_kappa * _grad_scale, self.eps)
 
     def last_mean(self) -> torch.Tensor | None:
         """Mean kurtosis over this layer's tokens in the last forward (over the TP group when the

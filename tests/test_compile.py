@@ -108,8 +108,9 @@ def test_custom_ops_pass_opcheck(impl, count):
                                                      mean, rstd, 4, impl)))
     kappa, stats = _moments_op(x2d, 1e-20, impl)
     cases += [(_moments_op, (x2d, 1e-20, impl)),
-              (_grad_op, (x2d, stats, 0.3, torch.randn(12, 16, generator=g), impl)),
-              (_grad_op, (x2d, stats, 0.3, None, impl))]
+              (_grad_op, (x2d, stats, 0.3, torch.randn(12, 16, generator=g), impl, 1e-20)),
+              (_grad_op, (x2d, stats, 0.3, None, impl, 1e-20)),
+              (_grad_op, (x2d, None, 0.3, torch.randn(12, 16, generator=g), impl, 1e-20))]
     for op, args in cases:
         torch.library.opcheck(op, args)
 

@@ -173,6 +173,11 @@ def test_kurtosis_grad_plus_grad_out_matches_float64(shape, dtype, mean, g_kind,
         dy = token_kurtosis_grad(y, stats, g_kappa, grad_out=grad_out, impl=impl)
         assert dy.dtype == dtype and dy.shape == shape and torch.isfinite(dy).all()
         _assert_grad_close(dy, ref, rtol=2 * _ulp(dtype) + 1e-5)
+        # without stats: the kernel forms them from the row itself
+        alone = token_kurtosis_grad(y, None, g_kappa, grad_out=grad_out, impl=impl)
+        _assert_grad_close(alone, ref, rtol=2 * _ulp(dtype) + 1e-5)
+        if impl == "torch":   # the same function of y forms the stats: the same bits
+            assert torch.equal(alone, dy)
         results[impl] = dy
     _assert_grad_close(results["triton"], results["torch"].double(), 2 * _ulp(dtype) + 1e-5)
 
@@ -228,10 +233,11 @@ def test_config_eps_is_the_kernels_default():
 
 @pytest.mark.parametrize("dtype,mean", KURTOSIS_CASES)
 @pytest.mark.parametrize("reduce", ["mean", "sum"])
-def test_penalty_adds_its_gradient_to_the_incoming_one(reduce, dtype, mean, monkeypatch):
+@pytest.mark.parametrize("record", [False, True], ids=["stats-in-backward", "stats-in-forward"])
+def test_penalty_adds_its_gradient_to_the_incoming_one(reduce, dtype, mean, record, monkeypatch):
     """y's gradient is g + lambda * grad_scale * d(reduce_t kappa_t)/dy, with the grad scale set
     before the forward (read there, where a compiled graph guards on it; a later change does not
-    reach this backward)."""
+    reach this backward); the same whether the forward formed the stats (logging) or not."""
     from qat import kurtosis
 
     monkeypatch.setattr(kurtosis, "_grad_scale", 1.0)   # restored after the test
@@ -239,6 +245,7 @@ def test_penalty_adds_its_gradient_to_the_incoming_one(reduce, dtype, mean, monk
     y = _activations(shape, dtype, seed=20, mean=mean)
     g = _grad_out(shape, dtype, "contiguous", seed=21) * 0.03   # as large as the penalty's part
     penalty = _penalty(reduce, lambda_)
+    penalty.record_stats = record
     yr = y.clone().requires_grad_()
     kurtosis.set_grad_scale(scale)
     out = penalty(yr)
@@ -269,14 +276,18 @@ def test_penalty_records_kurtosis_only_when_asked(reduce):
     assert penalty.last_mean() is None
 
 
-def test_penalty_saves_only_y_and_per_token_stats():
-    """Nothing activation-sized besides y is kept for backward; without grad it does nothing."""
+@pytest.mark.parametrize("record", [False, True])
+def test_penalty_saves_only_y_and_per_token_stats(record):
+    """Nothing activation-sized besides y is kept for backward, and the per-token stats only where
+    the forward formed them (logging); without grad it does nothing."""
     y = torch.randn(6, 7, 64, requires_grad=True)
     saved = []
+    penalty = _penalty("mean")
+    penalty.record_stats = record
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        _penalty("mean")(y)
+        penalty(y)
     assert {t.untyped_storage().data_ptr() for t in saved if t.numel() == y.numel()} == \
         {y.untyped_storage().data_ptr()}
-    assert sum(t.numel() for t in saved if t.numel() != y.numel()) <= 42 * 5
+    assert sum(t.numel() for t in saved if t.numel() != y.numel()) == (42 * 5 if record else 0)
     with torch.no_grad():
         assert _penalty("mean")(y) is y
