@@ -8,7 +8,8 @@ unchanged and it works the same under pipeline parallelism, where earlier stages
 loss. Per site and step that is one kernel in backward that reads y and the incoming gradient,
 forms the token's moments from the row it holds and writes the sum of the two gradients
 (``kernels.kurtosis.token_kurtosis_grad``); the moments kernel runs in forward only where kappa is
-logged (``record_stats``) or the channels are split over TP ranks (its all-reduces). The
+logged (``record_stats``; the backward still forms its own, so logging leaves the gradient's bits
+alone) or the channels are split over TP ranks (its all-reduces). The
 trainer sets the gradient scale the engine applies to the main loss (loss scale / gradient
 accumulation steps) with :func:`set_grad_scale` before the step's forwards, which read it.
 """
@@ -75,9 +76,11 @@ class KurtosisPenalty(torch.nn.Module):
         if not ((torch.is_grad_enabled() and y.requires_grad) or self.record_stats):
             return y                         # evaluation: nothing to penalize or log
         all_reduce = self.channel_all_reduce()
-        stats = None                         # the backward kernel forms them from y
+        stats = None                         # whole tokens: the backward kernel forms them from y
         if self.record_stats or all_reduce is not None:
-            kappa, stats = token_kurtosis_stats(y, eps=self.eps, all_reduce=all_reduce)
+            kappa, tp_stats = token_kurtosis_stats(y, eps=self.eps, all_reduce=all_reduce)
+            if all_reduce is not None:       # split channels: only the forward can all-reduce them
+                stats = tp_stats
         self.kurtosis_sum = kappa.sum() if self.record_stats else None
         self.tokens = y.numel() // y.shape[-1] * (parallel_state.get_tensor_model_parallel_world_size()
                                                   if self.split_tokens else 1)
