@@ -91,15 +91,24 @@ def time_steps(step, steps: int, warmup: int) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def print_profile(step, steps: int = 3) -> None:
-    """The GPU kernels that take the most time over a few steps (after the timed ones)."""
+def print_profile(step, steps: int = 3) -> dict:
+    """The GPU kernels that take the most time over a few steps (after the timed ones), and how
+    much of the profiled steps' wall time the GPU was busy: far below 100 % means the host bounds
+    the step (launches, Python, syncs), not the kernels."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
-    print(prof.key_averages().table(sort_by="device_time_total", row_limit=60, max_name_column_width=70))
+        wall = (time.perf_counter() - t0) / steps * 1e3
+    events = prof.key_averages()
+    print(events.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+    print(events.table(sort_by="device_time_total", row_limit=60, max_name_column_width=70))
+    busy = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / steps / 1e3
+    print(f"profiled: {wall:.1f} ms/step wall, GPU busy {busy:.1f} ms/step ({busy / wall:.0%})")
+    return {"profiled_ms": wall, "gpu_busy_ms": busy}
 
 
 def parse_spec(spec: str) -> tuple[int, str, list[str]]:
@@ -161,14 +170,13 @@ def run_variant(spec: str, config: str, micro: int, steps: int, warmup: int, pro
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     dt = time_steps(step, steps, warmup)
-    if profile:
-        print_profile(step)
+    busy = print_profile(step) if profile else {}
     tokens = cfg.train.global_batch_size * cfg.model.seq_length
     tflops = flops_per_token(cfg.model, matmul_params(cfg.model)) * tokens / dt / 1e12 / world
     return {"variant": spec, "gpus": world, "step_ms": dt * 1e3, "tokens_per_s": tokens / dt,
             "tokens_per_s_per_gpu": tokens / dt / world, "tflops_per_gpu": tflops,
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else 0.0,
-            "params_per_gpu": sum(p.numel() for p in model.parameters())}
+            "params_per_gpu": sum(p.numel() for p in model.parameters()), **busy}
 
 
 def _median_run(variant: str, runs: list[dict]) -> dict:
@@ -187,7 +195,7 @@ def main():
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--variants", default="plain,plain-compile,ours,ours-qat,ours-qat-only")
     p.add_argument("--repeats", type=int, default=1, help="interleaved runs of the variant list; medians reported")
-    p.add_argument("--profile", action="store_true", help="print each variant's top GPU kernels")
+    p.add_argument("--profile", action="store_true", help="print each variant's top GPU kernels and how busy the GPU was")
     p.add_argument("--dry-run", action="store_true", help="allow a CPU run (gloo) to check the script, e.g. with "
                                                            "--config configs/tiny.yaml --variants ours,2xours")
     p.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one variant in this process

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 source gpu/setup.sh
 timeout 90 python3 bench/loss.py 2>&1 | tee "$OUT/loss.log" | grep -v "^\s*$" | tail -12
 VARIANTS=${VARIANTS:-plain-compile,ours-qat,ours-qat@train.compile=true@train.compile_mode=reduce-overhead} \
-  LIMIT=${LIMIT:-330} bash gpu/step.sh
+  LIMIT=${LIMIT:-330} bash gpu/step.sh --profile
 TORCH_LOGS=perf_hints timeout 120 python3 bench/compile_check.py --config configs/125m.yaml --micro-batch 16 --steps 8 \
   --mode reduce-overhead > "$OUT/compile_check.log" 2>&1
 echo "compile_check rc $?"
