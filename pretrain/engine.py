@@ -137,7 +137,7 @@ def fused_grad_norm(zero: DeepSpeedZeroOptimizer, gradients, params, norm_type=2
     if float(norm_type) != 2.0:
         return DeepSpeedZeroOptimizer.get_grad_norm_direct(zero, gradients, params, norm_type)
     unpadded = (g for g in gradients if not getattr(g, "_zero_padding", False))
-    counted = [g.detach() for g, p in zip(unpadded, params)
+    counted = [g for g, p in zip(unpadded, params)   # gradients: nothing to detach
                if not (hasattr(p, PIPE_REPLICATED) and p.ds_pipe_replicated)
                and (is_model_parallel_parameter(p) or zero.model_parallel_rank == 0)]
     if counted:
